@@ -1,0 +1,15 @@
+"""Parts shared by the training scripts: small modules of functions and nn.Modules, each unit-tested.
+
+args           YAML --config feeding argparse defaults; shared flag groups; one-line errors
+checkpoint     atomic checkpoints with a manifest, retention, resume
+data           resumable sampling, image datasets, corrupt-sample skipping
+demo_data      the built-in demo data
+discriminators PatchGAN and multi-scale PatchGAN, combined discriminators
+ema            EMA with warm-up
+losses         GAN losses, feature matching, KL with free bits, R1, LPIPS
+media          image grids and tracker logging
+metrics        PSNR, SSIM
+optim          optimizers and LR schedules by name (AdamW, 8-bit AdamW, Adam, Lion, Muon, SGD, RMSprop)
+perf           throughput, model-FLOPs utilisation, peak memory
+training       precision flags, RNG state, guarded optimizer steps, metric logging
+"""

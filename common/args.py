@@ -1,0 +1,217 @@
+"""Command-line parsing shared by every script.
+
+`--config file.yaml` supplies defaults and the command line overrides them, so a recipe lives in a YAML file and
+one-off changes stay on the command line. Errors are one line naming the flag (or file) and what would be valid,
+and they happen before any model is built.
+"""
+
+import argparse
+import difflib
+import os
+import sys
+
+import yaml
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse with one-line errors: `train_x.py: error: --learning_rate must be > 0 (got -1.0)`."""
+
+    def error(self, message):
+        sys.stderr.write(f"{self.prog}: error: {message}\n")
+        sys.exit(2)
+
+
+def parse_args_with_config(parser, argv=None):
+    """Parse `argv` with the keys of `--config` (if given) as defaults; explicit flags win over the file."""
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--config")
+    known, _ = pre.parse_known_args(argv)
+    if known.config:
+        parser.set_defaults(**load_config(known.config, parser))
+    return parser.parse_args(argv)
+
+
+def load_config(path, parser):
+    """Read a YAML recipe and convert its values through each flag's own type and choices."""
+    if not os.path.isfile(path):
+        parser.error(f"--config {path}: no such file")
+    try:
+        with open(path) as f:
+            raw = yaml.safe_load(f)
+    except (OSError, yaml.YAMLError) as err:
+        parser.error(f"--config {path}: unreadable YAML ({' '.join(str(err).split())})")
+    if raw is None:
+        return {}
+    if not isinstance(raw, dict):
+        parser.error(f"--config {path}: expected a mapping of flag names to values, got {type(raw).__name__}")
+
+    actions = {a.dest: a for a in parser._actions if a.dest not in ("help", "config")}
+    values = {}
+    for key, value in raw.items():
+        dest = str(key).lstrip("-").replace("-", "_")
+        if dest not in actions:
+            close = difflib.get_close_matches(dest, list(actions), n=1)
+            hint = f" (did you mean '{close[0]}'?)" if close else ""
+            parser.error(f"--config {path}: unknown key '{key}'{hint}")
+        values[dest] = _convert(parser, actions[dest], value, path, key)
+    return values
+
+
+def _convert(parser, action, value, path, key):
+    where = f"--config {path}: '{key}'"
+    if isinstance(action, (argparse._StoreTrueAction, argparse._StoreFalseAction, argparse.BooleanOptionalAction)):
+        if not isinstance(value, bool):
+            parser.error(f"{where} must be true or false, got {value!r}")
+        return value
+    if value is None:
+        return None
+    if action.nargs in ("*", "+") or isinstance(action.nargs, int):
+        items = value if isinstance(value, list) else [value]
+        return [_convert_one(parser, action, v, where) for v in items]
+    if isinstance(value, (list, dict)):
+        parser.error(f"{where} must be a single value, got {value!r}")
+    return _convert_one(parser, action, value, where)
+
+
+def _convert_one(parser, action, value, where):
+    # YAML reads `1e-4` as a string (YAML 1.1 wants `1.0e-4`), so every value goes through the flag's own type.
+    # Going through str() also refuses 1.5 for an integer flag instead of truncating it.
+    if action.type is not None:
+        try:
+            value = action.type(str(value))
+        except (TypeError, ValueError, argparse.ArgumentTypeError) as err:
+            parser.error(f"{where}: {err}")
+    if action.choices is not None and value not in action.choices:
+        parser.error(f"{where}: invalid choice {value!r} (choose from {', '.join(map(str, action.choices))})")
+    return value
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Value types and checks
+
+
+def positive_float(text):
+    value = float(text)
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be > 0 (got {text})")
+    return value
+
+
+def non_negative_float(text):
+    value = float(text)
+    if not value >= 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0 (got {text})")
+    return value
+
+
+def positive_int(text):
+    value = int(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be a positive integer (got {text})")
+    return value
+
+
+def non_negative_int(text):
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0 (got {text})")
+    return value
+
+
+def fraction(text):
+    value = float(text)
+    if not 0.0 <= value <= 1.0:
+        raise argparse.ArgumentTypeError(f"must be between 0 and 1 (got {text})")
+    return value
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Flag groups every script shares. Names follow diffusers' examples so users find the flags they know.
+
+
+def add_run_args(parser, *, batch_size, max_train_steps, checkpointing_steps, validation_steps):
+    g = parser.add_argument_group("run")
+    g.add_argument("--config", type=str, default=None, help="YAML file whose keys set the defaults of these flags.")
+    g.add_argument("--output_dir", type=str, default=None, help="Where checkpoints, samples, logs and the export go.")
+    g.add_argument("--seed", type=int, default=0, help="Seed for model init, data order and augmentation.")
+    g.add_argument("--train_batch_size", type=positive_int, default=batch_size, help="Batch size per device.")
+    g.add_argument("--gradient_accumulation_steps", type=positive_int, default=1,
+                   help="Micro-batches summed into one optimizer step (effective batch = batch x this x devices).")
+    g.add_argument("--max_train_steps", type=positive_int, default=max_train_steps,
+                   help="Optimizer steps to train for.")
+    g.add_argument("--num_train_epochs", type=positive_int, default=None,
+                   help="If set, overrides --max_train_steps with this many passes over the training data.")
+    g.add_argument("--mixed_precision", type=str, default=None, choices=["no", "fp16", "bf16"],
+                   help="Autocast precision; defaults to accelerate's config (or 'no').")
+    g.add_argument("--allow_tf32", action=argparse.BooleanOptionalAction, default=True,
+                   help="TF32 matmuls and convolutions on GPUs that have them.")
+    g.add_argument("--compile", action="store_true", help="torch.compile the trained models.")
+    g.add_argument("--dataloader_num_workers", type=non_negative_int, default=4, help="Data loading processes.")
+    g.add_argument("--max_grad_norm", type=non_negative_float, default=1.0,
+                   help="Clip gradients to this global norm (0 disables clipping; norms are logged either way).")
+    g.add_argument("--max_consecutive_skips", type=positive_int, default=25,
+                   help="Stop the run after this many optimizer steps in a row skipped for non-finite gradients.")
+    g.add_argument("--max_corrupt_fraction", type=fraction, default=0.01,
+                   help="Stop the run once more than this fraction of loaded samples was corrupt and skipped.")
+    g.add_argument("--checkpointing_steps", type=positive_int, default=checkpointing_steps,
+                   help="Save a resumable checkpoint every this many optimizer steps.")
+    g.add_argument("--checkpoints_total_limit", type=positive_int, default=None,
+                   help="Keep at most this many checkpoints; older ones go only after a new one is complete.")
+    g.add_argument("--resume_from_checkpoint", type=str, default=None,
+                   help="'latest' (the newest complete checkpoint in --output_dir, if any) or a checkpoint folder.")
+    g.add_argument("--report_to", type=str, default="tensorboard", choices=["tensorboard", "wandb", "all", "none"],
+                   help="Experiment tracker (metrics.jsonl in --output_dir is written in every case).")
+    g.add_argument("--tracker_project_name", type=str, default=None, help="wandb project / tensorboard run name.")
+    g.add_argument("--logging_steps", type=positive_int, default=20,
+                   help="Log metrics every this many optimizer steps (the only regular host-device sync).")
+    g.add_argument("--validation_steps", type=positive_int, default=validation_steps,
+                   help="Validate (samples and held-out metrics from the EMA weights) every this many steps.")
+    return g
+
+
+def add_ema_args(parser, *, decay, power):
+    g = parser.add_argument_group("EMA")
+    g.add_argument("--use_ema", action=argparse.BooleanOptionalAction, default=True,
+                   help="Keep an exponential moving average of the weights for validation and export.")
+    g.add_argument("--ema_decay", type=fraction, default=decay, help="Largest EMA decay, reached after warm-up.")
+    g.add_argument("--ema_power", type=positive_float, default=power,
+                   help="EMA warm-up: decay = 1 - (1 + step)^-power, capped at --ema_decay (k-diffusion's EMAWarmup).")
+    return g
+
+
+def add_optimizer_args(parser, *, prefix="", title, optimizer="adamw", lr, betas, weight_decay,
+                       scheduler="cosine", warmup_steps=0):
+    """Optimizer and schedule flags for one trained model: `--{prefix}optimizer`, `--{prefix}learning_rate`, ..."""
+    from common.optim import OPTIMIZERS, SCHEDULERS
+
+    g = parser.add_argument_group(title)
+    g.add_argument(f"--{prefix}optimizer", type=str, default=optimizer, choices=sorted(OPTIMIZERS),
+                   help="Optimizer by name.")
+    g.add_argument(f"--{prefix}learning_rate", type=positive_float, default=lr, help="Peak learning rate.")
+    g.add_argument(f"--{prefix}adam_beta1", type=fraction, default=betas[0], help="Adam-family beta1.")
+    g.add_argument(f"--{prefix}adam_beta2", type=fraction, default=betas[1], help="Adam-family beta2.")
+    g.add_argument(f"--{prefix}adam_epsilon", type=positive_float, default=1e-8, help="Adam-family epsilon.")
+    g.add_argument(f"--{prefix}weight_decay", type=non_negative_float, default=weight_decay,
+                   help="Decoupled weight decay.")
+    g.add_argument(f"--{prefix}lr_scheduler", type=str, default=scheduler, choices=sorted(SCHEDULERS),
+                   help="Learning-rate schedule (all with linear warm-up).")
+    g.add_argument(f"--{prefix}lr_warmup_steps", type=non_negative_int, default=warmup_steps,
+                   help="Linear warm-up steps from 0 to the peak learning rate.")
+    g.add_argument(f"--{prefix}lr_min_ratio", type=fraction, default=0.0,
+                   help="cosine/linear: final learning rate as a fraction of the peak.")
+    g.add_argument(f"--{prefix}lr_gamma", type=fraction, default=0.999,
+                   help="exponential: multiply the learning rate by this once per --lr_decay_every steps.")
+    g.add_argument(f"--{prefix}lr_decay_every", type=positive_int, default=1000,
+                   help="exponential: steps between decays (use the steps per epoch for HiFi-GAN's per-epoch decay).")
+    return g
+
+
+def optimizer_kwargs(args, prefix=""):
+    """The `add_optimizer_args` values of one model as keyword arguments of `common.optim` builders."""
+    get = lambda name: getattr(args, f"{prefix}{name}")  # noqa: E731
+    return {
+        "optimizer": dict(name=get("optimizer"), lr=get("learning_rate"), betas=(get("adam_beta1"), get("adam_beta2")),
+                          eps=get("adam_epsilon"), weight_decay=get("weight_decay")),
+        "scheduler": dict(name=get("lr_scheduler"), warmup_steps=get("lr_warmup_steps"),
+                          min_ratio=get("lr_min_ratio"), gamma=get("lr_gamma"), decay_every=get("lr_decay_every")),
+    }

@@ -1,0 +1,199 @@
+"""Atomic, self-describing checkpoints: `output_dir/checkpoint-<step>/`.
+
+A checkpoint is written into a hidden temporary folder; its manifest `complete.json` (every file and its size) is
+written last, and only then is the folder renamed into place. A run killed at any moment leaves either a complete
+checkpoint or a temporary folder that is ignored and later removed, never a half-written `checkpoint-<step>`.
+Older checkpoints are deleted only after the new one is complete.
+
+Files: model weights as safetensors; optimizer/scheduler states with torch.save (read back with
+`weights_only=True`); the training state as JSON; RNG states, one file per process.
+"""
+
+import json
+import os
+import re
+import shutil
+import time
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+MANIFEST = "complete.json"
+_NAME = re.compile(r"^checkpoint-(\d+)$")
+
+
+class CheckpointError(Exception):
+    """A checkpoint that cannot be used; the message names the folder and the problem."""
+
+
+def checkpoint_dirs(output_dir):
+    """Complete checkpoints in `output_dir`, oldest first, as (step, Path)."""
+    found = []
+    root = Path(output_dir)
+    if not root.is_dir():
+        return found
+    for path in root.iterdir():
+        m = _NAME.match(path.name)
+        if m and path.is_dir() and (path / MANIFEST).is_file():
+            found.append((int(m.group(1)), path))
+    return sorted(found)
+
+
+def latest_checkpoint(output_dir):
+    dirs = checkpoint_dirs(output_dir)
+    return dirs[-1][1] if dirs else None
+
+
+def resolve_resume(resume_from_checkpoint, output_dir):
+    """`latest` -> the newest complete checkpoint (or None when there is none); a path -> that folder, checked."""
+    if not resume_from_checkpoint:
+        return None
+    if resume_from_checkpoint == "latest":
+        return latest_checkpoint(output_dir)
+    path = Path(resume_from_checkpoint)
+    if not path.is_dir():
+        raise CheckpointError(f"--resume_from_checkpoint {path}: no such folder")
+    if not (path / MANIFEST).is_file():
+        raise CheckpointError(f"--resume_from_checkpoint {path}: incomplete checkpoint (no {MANIFEST}; "
+                              f"it was interrupted while being written)")
+    return path
+
+
+class CheckpointWriter:
+    """Collects the files of one checkpoint in a temporary folder, then publishes it atomically.
+
+    Every process calls `add_rank_object` for its own per-process state; the main process adds the rest. Call
+    `commit()` on the main process after a barrier, so all processes' files are in place.
+    """
+
+    def __init__(self, output_dir, step):
+        self.output_dir = Path(output_dir)
+        self.step = step
+        self.final = self.output_dir / f"checkpoint-{step}"
+        self.tmp = self.output_dir / f".checkpoint-{step}.tmp"
+
+    def start(self):
+        """Main process only: a fresh temporary folder (a leftover one from a killed run is discarded)."""
+        if self.tmp.exists():
+            shutil.rmtree(self.tmp)
+        self.tmp.mkdir(parents=True)
+
+    def add_tensors(self, name, tensors):
+        """A flat dict of tensors (e.g. a model or EMA state dict) as `<name>.safetensors`."""
+        # clone() breaks any storage sharing (tied weights), which safetensors refuses.
+        _write(self.tmp / f"{name}.safetensors",
+               lambda p: save_file({k: v.detach().contiguous().cpu().clone() for k, v in tensors.items()}, p))
+
+    def add_object(self, name, obj):
+        """Nested dicts/lists of tensors and plain values (optimizer, scheduler states) as `<name>.pt`."""
+        _write(self.tmp / f"{name}.pt", lambda p: torch.save(obj, p))
+
+    def add_json(self, name, obj):
+        _write(self.tmp / f"{name}.json", lambda p: Path(p).write_text(json.dumps(obj, indent=2, default=str)))
+
+    def add_rank_object(self, name, obj, rank):
+        self.add_object(f"{name}_{rank}", obj)
+
+    def commit(self, total_limit=None):
+        """Write the manifest last, rename into place, then apply retention. Returns the checkpoint folder."""
+        files = {p.name: p.stat().st_size for p in sorted(self.tmp.iterdir())}
+        _write(self.tmp / MANIFEST, lambda p: Path(p).write_text(json.dumps({"step": self.step, "files": files})))
+        _fsync_dir(self.tmp)
+        if self.final.exists():  # re-saving a step (e.g. after a resume): swap, never leave a gap
+            trash = self.output_dir / f".checkpoint-{self.step}.old"
+            shutil.rmtree(trash, ignore_errors=True)
+            os.replace(self.final, trash)
+            os.replace(self.tmp, self.final)
+            shutil.rmtree(trash, ignore_errors=True)
+        else:
+            os.replace(self.tmp, self.final)
+        _fsync_dir(self.output_dir)
+        prune(self.output_dir, total_limit, keep=self.final)
+        return self.final
+
+
+def prune(output_dir, total_limit, keep=None):
+    """Delete the oldest complete checkpoints beyond `total_limit`, and leftover temporary folders."""
+    root = Path(output_dir)
+    for path in root.glob(".checkpoint-*.tmp"):
+        shutil.rmtree(path, ignore_errors=True)
+    if not total_limit:
+        return
+    dirs = [p for _, p in checkpoint_dirs(root) if p != keep]
+    excess = len(dirs) + (1 if keep is not None else 0) - total_limit
+    for path in dirs[:max(0, excess)]:
+        shutil.rmtree(path, ignore_errors=True)
+
+
+def _write(path, writer):
+    writer(str(path))
+    with open(path, "rb") as f:
+        os.fsync(f.fileno())
+
+
+def _fsync_dir(path):
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+class Checkpoint:
+    """A complete checkpoint opened for reading; every file is checked against the manifest first."""
+
+    def __init__(self, path):
+        self.path = Path(path)
+        manifest = self.path / MANIFEST
+        if not manifest.is_file():
+            raise CheckpointError(f"{self.path}: incomplete checkpoint (no {MANIFEST})")
+        try:
+            meta = json.loads(manifest.read_text())
+        except (OSError, json.JSONDecodeError) as err:
+            raise CheckpointError(f"{manifest}: unreadable ({err})") from err
+        self.step = int(meta["step"])
+        expected = meta["files"]
+        present = {p.name for p in self.path.iterdir()} - {MANIFEST}
+        for name in sorted(set(expected) - present):
+            raise CheckpointError(f"{self.path}: missing file {name}")
+        for name in sorted(present - set(expected)):
+            raise CheckpointError(f"{self.path}: unexpected file {name} (not in {MANIFEST})")
+        for name, size in expected.items():
+            if (self.path / name).stat().st_size != size:
+                raise CheckpointError(f"{self.path}: {name} has {(self.path / name).stat().st_size} bytes, "
+                                      f"{MANIFEST} says {size}")
+        self.files = set(expected)
+
+    def has(self, name):
+        return any(f.startswith(name + ".") for f in self.files)
+
+    def tensors(self, name, device="cpu"):
+        tensors = load_file(str(self.path / f"{name}.safetensors"))
+        return {k: v.to(device) for k, v in tensors.items()} if str(device) != "cpu" else tensors
+
+    def object(self, name):
+        return torch.load(self.path / f"{name}.pt", map_location="cpu", weights_only=True)
+
+    def json(self, name):
+        return json.loads((self.path / f"{name}.json").read_text())
+
+    def rank_object(self, name, rank):
+        """Per-process state; None when this checkpoint was written by fewer processes."""
+        if f"{name}_{rank}.pt" not in self.files:
+            return None
+        return self.object(f"{name}_{rank}")
+
+
+def wait_for(path, timeout=600.0):
+    """Used by non-main processes on shared filesystems that lag: wait until `path` exists."""
+    start = time.monotonic()
+    while not Path(path).exists():
+        if time.monotonic() - start > timeout:
+            raise CheckpointError(f"{path} did not appear within {timeout:.0f} s")
+        time.sleep(0.1)

@@ -1,0 +1,100 @@
+"""Throughput, model-FLOPs utilisation and peak memory, measured rather than guessed."""
+
+import time
+
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils.flop_counter import flop_registry
+
+# Dense bf16 tensor-core peaks (TFLOP/s, fp32 accumulate) from the vendors' datasheets. MFU is always reported
+# against this bf16 peak, also for fp32/TF32 runs, so figures compare across precisions.
+PEAK_BF16_TFLOPS = {
+    "H100 PCIe": 756.0,
+    "H100 NVL": 835.0,
+    "H100": 989.4,  # SXM
+    "H200": 989.4,
+    "GH200": 989.4,
+    "B200": 2250.0,
+    "A100": 312.0,
+    "L40S": 362.0,
+    "RTX 5090": 209.5,
+    "RTX 4090": 165.2,
+    "RTX 3090": 71.0,
+}
+
+
+def peak_bf16_flops(device=None):
+    """The device's dense bf16 peak in FLOP/s, or None when unknown (then MFU is not reported)."""
+    if not torch.cuda.is_available():
+        return None
+    name = torch.cuda.get_device_name(device)
+    for key in sorted(PEAK_BF16_TFLOPS, key=len, reverse=True):  # most specific name first
+        if key in name:
+            return PEAK_BF16_TFLOPS[key] * 1e12
+    return None
+
+
+class _CountFlops(TorchDispatchMode):
+    """Adds up torch's own FLOP formulas (torch.utils.flop_counter) for every operator dispatched.
+
+    Unlike FlopCounterMode it tracks no modules, so it also works through `torch.autograd.grad` (R1 penalties).
+    """
+
+    def __init__(self):
+        super().__init__()
+        self.total = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        formula = flop_registry.get(func._overloadpacket)
+        if formula is not None:
+            self.total += formula(*args, **kwargs, out_val=out)
+        return out
+
+
+class FlopCount:
+    """Counts the FLOPs (multiply-adds x 2, forward and backward) dispatched inside a `with` block.
+
+    The count comes from torch's per-operator formulas on the real model and inputs. The block runs eagerly:
+    compiled regions would hide their operations from the counter.
+    """
+
+    def __enter__(self):
+        self.stance = torch.compiler.set_stance("force_eager")
+        self.stance.__enter__()
+        self.mode = _CountFlops()
+        self.mode.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        self.mode.__exit__(*exc)
+        self.stance.__exit__(*exc)
+        self.total = self.mode.total
+        return False
+
+
+class Throughput:
+    """Samples/s, steps/s and MFU between two `measure()` calls (call it at logging steps only)."""
+
+    def __init__(self, peak_flops=None):
+        self.peak_flops = peak_flops
+        self.last_time, self.samples, self.steps, self.flops = time.perf_counter(), 0, 0, 0.0
+
+    def add(self, samples, flops=None):
+        """One optimizer step of `samples` samples (all processes together) and its FLOPs if known."""
+        self.samples += samples
+        self.steps += 1
+        if flops:
+            self.flops += flops
+
+    def measure(self):
+        now = time.perf_counter()
+        elapsed = max(now - self.last_time, 1e-9)
+        out = {"perf/samples_per_s": self.samples / elapsed, "perf/steps_per_s": self.steps / elapsed}
+        if self.flops and self.peak_flops:
+            out["perf/mfu"] = self.flops / elapsed / self.peak_flops
+        if torch.cuda.is_available():
+            out["perf/peak_mem_gib"] = torch.cuda.max_memory_allocated() / 2**30
+        self.last_time, self.samples, self.steps, self.flops = now, 0, 0, 0.0
+        return out

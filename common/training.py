@@ -1,0 +1,210 @@
+"""The small pieces of glue every training loop needs: precision flags, RNG state, guarded optimizer steps,
+metric accumulation and logging. None of it is a loop; each script's loop stays in the script."""
+
+import contextlib
+import json
+import logging
+import math
+import random
+import time
+import uuid
+from pathlib import Path
+
+import numpy as np
+import torch
+
+logger = logging.getLogger(__name__)
+
+
+def configure_torch(allow_tf32=True):
+    """TF32 for float32 matmuls/convolutions on GPUs that have it, and cuDNN autotuning for fixed shapes."""
+    torch.backends.cuda.matmul.allow_tf32 = allow_tf32
+    torch.backends.cudnn.allow_tf32 = allow_tf32
+    torch.backends.cudnn.benchmark = torch.cuda.is_available()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# RNG state, saved per process so a resumed run draws the same random numbers as an uninterrupted one.
+
+
+def rng_state():
+    _, py_state, gauss = random.getstate()
+    state = {
+        "python": {"state": list(py_state), "gauss": gauss},
+        "numpy": _numpy_state(),
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def set_rng_state(state):
+    random.setstate((3, tuple(int(v) for v in state["python"]["state"]), state["python"]["gauss"]))
+    np_state = state["numpy"]
+    np.random.set_state(("MT19937", np_state["keys"].numpy().astype(np.uint32), int(np_state["pos"]),
+                         int(np_state["has_gauss"]), float(np_state["cached_gaussian"])))
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+
+
+def _numpy_state():
+    _, keys, pos, has_gauss, cached = np.random.get_state()
+    # Plain tensors and numbers only, so the file loads with torch.load(weights_only=True).
+    return {"keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos), "has_gauss": int(has_gauss),
+            "cached_gaussian": float(cached)}
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Optimizer steps that never let a non-finite gradient reach the weights.
+
+
+def clip_and_step(accelerator, optimizer, parameters, max_grad_norm):
+    """Clip to `max_grad_norm` (0: no clipping, norm still measured), then step only if the norm is finite.
+
+    The gradients were already averaged across processes, so every process sees the same norm and skips alike,
+    with no extra collective. Returns (grad_norm, stepped). This is a host sync point (one per optimizer step).
+    Under fp16 the grad scaler decides: it skips non-finite steps itself and lowers its scale.
+    """
+    grad_norm = accelerator.clip_grad_norm_(parameters, max_grad_norm if max_grad_norm > 0 else math.inf)
+    finite = bool(torch.isfinite(grad_norm))  # sync point
+    if finite or accelerator.scaler is not None:
+        optimizer.step()
+    stepped = finite and not optimizer.step_was_skipped
+    optimizer.zero_grad(set_to_none=True)
+    return grad_norm.detach(), stepped
+
+
+class SkipGuard:
+    """Counts optimizer steps skipped for non-finite gradients; too many in a row stops the run."""
+
+    def __init__(self, max_consecutive):
+        self.max_consecutive = max_consecutive
+        self.consecutive = 0
+        self.total = 0
+
+    def update(self, stepped, step, what="optimizer"):
+        if stepped:
+            self.consecutive = 0
+            return
+        self.consecutive += 1
+        self.total += 1
+        logger.warning(f"step {step}: non-finite {what} gradients, update skipped "
+                       f"({self.consecutive} in a row, {self.total} in all)")
+        if self.consecutive >= self.max_consecutive:
+            raise SystemExit(f"stopping: {self.consecutive} optimizer steps in a row had non-finite gradients "
+                             f"(--max_consecutive_skips {self.max_consecutive}); the run is diverging. The last "
+                             f"checkpoint is intact: resume from it with a lower learning rate or stronger clipping.")
+
+    def state_dict(self):
+        return {"consecutive": self.consecutive, "total": self.total}
+
+    def load_state_dict(self, state):
+        self.consecutive, self.total = int(state["consecutive"]), int(state["total"])
+
+
+def all_finite(tensors):
+    """True if every tensor is finite (one host sync for all of them)."""
+    tensors = [t for t in tensors if t.is_floating_point()]
+    if not tensors:
+        return True
+    norms = torch._foreach_norm([t.detach().float() for t in tensors])
+    return bool(torch.isfinite(torch.stack(norms)).all())
+
+
+@contextlib.contextmanager
+def frozen(module):
+    """Parameters of `module` do not require grad inside the block: a generator loss computed through a frozen
+    discriminator leaves the discriminator's gradients untouched (and accumulating ones intact)."""
+    flags = [p.requires_grad for p in module.parameters()]
+    module.requires_grad_(False)
+    try:
+        yield module
+    finally:
+        for p, flag in zip(module.parameters(), flags):
+            p.requires_grad_(flag)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Metrics
+
+
+class MetricsAccumulator:
+    """Sums per-step metric tensors on the device; `pop()` averages them over steps and processes.
+
+    Only `pop()` synchronises with the host, so call it at logging steps.
+    """
+
+    def __init__(self):
+        self.sums, self.counts = {}, {}
+
+    def add(self, metrics):
+        for k, v in metrics.items():
+            v = v.detach().float() if torch.is_tensor(v) else torch.tensor(float(v))
+            self.sums[k] = self.sums[k] + v if k in self.sums else v
+            self.counts[k] = self.counts.get(k, 0) + 1
+
+    def pop(self, accelerator):
+        if not self.sums:
+            return {}
+        keys = sorted(self.sums)
+        means = torch.stack([(self.sums[k] / self.counts[k]).to(accelerator.device) for k in keys])
+        means = accelerator.reduce(means, reduction="mean")
+        self.sums, self.counts = {}, {}
+        return dict(zip(keys, means.tolist()))  # sync point
+
+
+class MetricsFile:
+    """Every logged value as one JSON line (`metrics.jsonl`), so runs compare without any service.
+
+    On resume, lines from steps after the resumed checkpoint are dropped, keeping steps increasing.
+    """
+
+    def __init__(self, path, resume_step=None, enabled=True):
+        self.path, self.enabled = Path(path), enabled
+        if not enabled:
+            return
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        if resume_step is None:
+            self.path.write_text("")
+        elif self.path.exists():
+            kept = [line for line in self.path.read_text().splitlines() if _line_step(line) <= resume_step]
+            self.path.write_text("".join(line + "\n" for line in kept))
+        self.start = time.time()
+
+    def write(self, step, values):
+        if not self.enabled:
+            return
+        with self.path.open("a") as f:
+            f.write(json.dumps({"step": step, "time": round(time.time() - self.start, 3), **values}) + "\n")
+
+
+def _line_step(line):
+    try:
+        return json.loads(line)["step"]
+    except (json.JSONDecodeError, KeyError):
+        return math.inf
+
+
+def read_metrics(path):
+    """The lines of a metrics.jsonl as dicts."""
+    return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+
+
+def init_trackers(accelerator, project_name, config, run_id, output_dir):
+    """Start the trackers; with wandb the run id is fixed so a resumed run continues the same wandb run."""
+    if not accelerator.log_with:
+        return
+    init_kwargs = {"wandb": {"id": run_id, "resume": "allow", "dir": str(output_dir)}}
+    flat = {k: (v if isinstance(v, (int, float, str, bool)) or v is None else str(v)) for k, v in config.items()}
+    accelerator.init_trackers(project_name, config=flat, init_kwargs=init_kwargs)
+
+
+def new_run_id():
+    return uuid.uuid4().hex[:12]
+
+
+def report_to(value):
+    """--report_to as accelerate's `log_with`."""
+    return {"none": None, "all": "all"}.get(value, [value])

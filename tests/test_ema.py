@@ -1,0 +1,57 @@
+import pytest
+import torch
+
+from common.ema import EMA
+
+
+def net():
+    torch.manual_seed(0)
+    return torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.BatchNorm1d(4))
+
+
+def test_warmup_schedule():
+    ema = EMA(net(), max_decay=0.9999, power=0.75)
+    assert ema.decay() == 0.0  # first update copies the weights
+    ema.num_updates = 10_000
+    assert ema.decay() == pytest.approx(1 - 10_001**-0.75)
+    assert 0.998 < ema.decay() < 0.9991
+    ema.num_updates = 10**9
+    assert ema.decay() == 0.9999
+
+
+def test_update_is_a_lerp_and_tracks_buffers():
+    model = net()
+    ema = EMA(model, max_decay=0.5, power=100.0)  # decay capped at 0.5 after the first step
+    ema.update(model)
+    with torch.no_grad():
+        before = {k: v.clone() for k, v in ema.shadow.items()}
+        for p in model.parameters():
+            p.add_(1.0)
+        model[1].running_mean.add_(2.0)
+    ema.update(model)
+    assert torch.allclose(ema.shadow["0.weight"], before["0.weight"] + 0.5)
+    assert torch.allclose(ema.shadow["1.running_mean"], before["1.running_mean"] + 1.0)
+    assert "1.num_batches_tracked" not in ema.shadow
+
+
+def test_copy_to_and_state_round_trip():
+    model = net()
+    ema = EMA(model, max_decay=0.9)
+    for _ in range(3):
+        with torch.no_grad():
+            for p in model.parameters():
+                p.mul_(0.5)
+        ema.update(model)
+    restored = EMA(net(), max_decay=0.9)
+    restored.load_state_dict(ema.state_dict())
+    assert restored.num_updates == 3
+    target = net()
+    restored.copy_to(target)
+    for name, p in target.named_parameters():
+        assert torch.equal(p, ema.shadow[name])
+
+
+def test_refuses_a_different_model():
+    ema = EMA(net())
+    with pytest.raises(ValueError, match="does not match"):
+        EMA(torch.nn.Linear(4, 4)).load_state_dict(ema.state_dict())

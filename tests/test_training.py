@@ -1,0 +1,69 @@
+import random
+
+import numpy as np
+import pytest
+import torch
+from accelerate import Accelerator
+
+from common.training import (MetricsAccumulator, MetricsFile, SkipGuard, clip_and_step, frozen, read_metrics,
+                             rng_state, set_rng_state)
+
+
+def test_rng_state_round_trip_through_a_weights_only_file(tmp_path):
+    random.seed(1), np.random.seed(1), torch.manual_seed(1)
+    random.gauss(0, 1)  # leaves a cached gaussian in Python's state
+    torch.save(rng_state(), tmp_path / "rng.pt")
+    expected = (random.random(), random.gauss(0, 1), np.random.rand(), torch.rand(1).item())
+    set_rng_state(torch.load(tmp_path / "rng.pt", weights_only=True))
+    assert (random.random(), random.gauss(0, 1), np.random.rand(), torch.rand(1).item()) == expected
+
+
+def test_non_finite_gradients_never_reach_the_weights():
+    accelerator = Accelerator(cpu=True)
+    model = torch.nn.Linear(3, 1)
+    opt = torch.optim.AdamW(model.parameters(), lr=0.1)
+    model, opt = accelerator.prepare(model, opt)
+    before = [p.detach().clone() for p in model.parameters()]
+    loss = model(torch.ones(2, 3)).sum() * float("nan")
+    accelerator.backward(loss)
+    norm, stepped = clip_and_step(accelerator, opt, model.parameters(), 1.0)
+    assert not stepped and not torch.isfinite(norm)
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
+    assert opt.state_dict()["state"] == {}  # no moments were touched
+    accelerator.backward(model(torch.ones(2, 3)).sum())
+    norm, stepped = clip_and_step(accelerator, opt, model.parameters(), 1e-3)
+    assert stepped and norm > 1e-3
+
+
+def test_skip_guard_stops_after_consecutive_skips():
+    guard = SkipGuard(3)
+    guard.update(False, 1), guard.update(False, 2), guard.update(True, 3), guard.update(False, 4)
+    assert (guard.consecutive, guard.total) == (1, 3)
+    guard.update(False, 5)
+    with pytest.raises(SystemExit, match="3 optimizer steps in a row"):
+        guard.update(False, 6)
+
+
+def test_frozen_keeps_generator_loss_out_of_discriminator_grads():
+    d = torch.nn.Linear(2, 1)
+    x = torch.randn(4, 2, requires_grad=True)
+    with frozen(d):
+        out = d(x).sum()
+    out.backward()
+    assert d.weight.grad is None and x.grad is not None and d.weight.requires_grad
+
+
+def test_metrics_accumulator_averages_over_steps():
+    acc = MetricsAccumulator()
+    acc.add({"loss": torch.tensor(1.0)})
+    acc.add({"loss": torch.tensor(3.0), "gn": torch.tensor(5.0)})
+    assert acc.pop(Accelerator(cpu=True)) == {"gn": 5.0, "loss": 2.0}
+
+
+def test_metrics_file_drops_steps_after_the_resumed_checkpoint(tmp_path):
+    path = tmp_path / "metrics.jsonl"
+    f = MetricsFile(path)
+    for step in (10, 20, 30):
+        f.write(step, {"loss": step / 10})
+    MetricsFile(path, resume_step=20).write(30, {"loss": 9.0})
+    assert [(m["step"], m["loss"]) for m in read_metrics(path)] == [(10, 1.0), (20, 2.0), (30, 9.0)]
