@@ -68,8 +68,8 @@ class VAEPreset:
 
 
 VAE_PRESETS = {
-    "kl-f8-tiny": VAEPreset((16, 32, 32, 32), 1, norm_num_groups=8),  # tests: ~0.3M decoder
-    "kl-f8-small": VAEPreset((32, 64, 64, 64), 1),  # CPU demo: ~1.2M decoder
+    "kl-f8-tiny": VAEPreset((16, 32, 32, 32), 1, norm_num_groups=8),  # tests: 0.2M decoder
+    "kl-f8-small": VAEPreset((32, 64, 64, 64), 1),  # CPU demo: 0.8M decoder
     "kl-f8-5m": VAEPreset((64, 128, 128, 160), 2),  # default: 5.0M decoder, 3.5M encoder
     "kl-f8-sd": VAEPreset((128, 256, 512, 512), 2),  # Stable Diffusion 1.x/2.x: 49.5M decoder, 34.2M encoder
 }
@@ -95,6 +95,34 @@ class VAEForTraining(nn.Module):
         posterior = self.vae.encode(images).latent_dist
         reconstruction = self.vae.decode(posterior.sample()).sample
         return reconstruction, posterior.mean, posterior.logvar  # (B, 3, H, W), (B, C, H/f, W/f) x 2
+
+
+def build_models(args, device, memory_format):
+    """The VAE (a preset, or a pretrained diffusers AutoencoderKL), the discriminator (None without a GAN) and
+    LPIPS (None when its weight is 0), on `device`."""
+    if args.pretrained_vae_model_name_or_path:
+        vae = AutoencoderKL.from_pretrained(args.pretrained_vae_model_name_or_path,
+                                            subfolder=args.pretrained_vae_subfolder, revision=args.revision)
+        factor = 2 ** (len(vae.config.block_out_channels) - 1)
+        if args.resolution % factor:
+            raise SystemExit(f"--resolution {args.resolution} is not a multiple of the pretrained VAE's "
+                             f"downsampling factor {factor}")
+    else:
+        vae = build_vae(VAE_PRESETS[args.model])
+    disc = None
+    if args.adv_weight > 0 or args.fm_weight > 0:
+        disc = build_image_discriminator(args.discriminator, 3, args.disc_ndf, args.disc_layers, args.disc_norm)
+        disc.to(device, memory_format=memory_format)
+    lpips = None
+    if args.lpips_weight > 0:
+        lpips = LPIPS(pretrained_backbone=args.lpips_backbone == "imagenet").to(device, memory_format=memory_format)
+    vae.to(device, memory_format=memory_format)
+    count = lambda *modules: sum(p.numel() for m in modules for p in m.parameters())  # noqa: E731
+    n_enc, n_dec = count(vae.encoder, vae.quant_conv), count(vae.decoder, vae.post_quant_conv)
+    n_disc = count(disc) if disc is not None else 0
+    logger.info(f"VAE: encoder {n_enc / 1e6:.2f}M, decoder {n_dec / 1e6:.2f}M params; discriminator "
+                f"{n_disc / 1e6:.2f}M (G:D = 1:{n_disc / (n_enc + n_dec):.2f})")
+    return vae, disc, lpips
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -527,36 +555,14 @@ def main(args):
         pin_memory=device.type == "cuda", persistent_workers=args.dataloader_num_workers > 0,
         generator=torch.Generator().manual_seed(args.seed))
     val_images = fixed_images(val_source, args.resolution, args.num_validation_images).to(device)
-    steps_per_epoch = sampler.batches_per_epoch // args.gradient_accumulation_steps
+    steps_per_epoch = max(1, sampler.batches_per_epoch // args.gradient_accumulation_steps)
     max_steps = args.num_train_epochs * steps_per_epoch if args.num_train_epochs else args.max_train_steps
     logger.info(f"{len(train_set)} training and {len(val_source)} validation images; {steps_per_epoch} optimizer "
                 f"steps per epoch, {max_steps} in all")
 
     # Models
-    if args.pretrained_vae_model_name_or_path:
-        vae = AutoencoderKL.from_pretrained(args.pretrained_vae_model_name_or_path,
-                                            subfolder=args.pretrained_vae_subfolder, revision=args.revision)
-        factor = 2 ** (len(vae.config.block_out_channels) - 1)
-        if args.resolution % factor:
-            raise SystemExit(f"--resolution {args.resolution} is not a multiple of the pretrained VAE's "
-                             f"downsampling factor {factor}")
-    else:
-        vae = build_vae(VAE_PRESETS[args.model])
+    vae, disc, lpips = build_models(args, device, memory_format)
     vae_config = dict(vae.config)
-    use_gan = args.adv_weight > 0 or args.fm_weight > 0
-    disc = build_image_discriminator(args.discriminator, 3, args.disc_ndf, args.disc_layers, args.disc_norm) \
-        if use_gan else None
-    lpips = LPIPS(pretrained_backbone=args.lpips_backbone == "imagenet").to(device, memory_format=memory_format) \
-        if args.lpips_weight > 0 else None
-    vae.to(device, memory_format=memory_format)
-    if disc is not None:
-        disc.to(device, memory_format=memory_format)
-    n_enc = sum(p.numel() for p in vae.encoder.parameters()) + sum(p.numel() for p in vae.quant_conv.parameters())
-    n_dec = sum(p.numel() for p in vae.decoder.parameters()) + sum(
-        p.numel() for p in vae.post_quant_conv.parameters())
-    n_disc = sum(p.numel() for p in disc.parameters()) if disc is not None else 0
-    logger.info(f"VAE: encoder {n_enc / 1e6:.2f}M, decoder {n_dec / 1e6:.2f}M params; discriminator "
-                f"{n_disc / 1e6:.2f}M (G:D = 1:{n_disc / max(n_enc + n_dec, 1):.2f})")
     ema = EMA(vae, args.ema_decay, args.ema_power) if args.use_ema else None
     vae_eval = copy.deepcopy(vae).eval().requires_grad_(False)  # validation copy; training weights stay put
 
