@@ -159,6 +159,12 @@ def add_run_args(parser, *, batch_size, max_train_steps, checkpointing_steps, va
                    help="Keep at most this many checkpoints; older ones go only after a new one is complete.")
     g.add_argument("--resume_from_checkpoint", type=str, default=None,
                    help="'latest' (the newest complete checkpoint in --output_dir, if any) or a checkpoint folder.")
+    g.add_argument("--allow_model_change", action="store_true",
+                   help="Resume even if the model's shape changed: load the tensors that still fit, start the rest "
+                        "(and their optimizer state) fresh. Without it such a resume is refused.")
+    g.add_argument("--stall_timeout", type=non_negative_float, default=1800.0,
+                   help="Seconds without a finished step after which every thread's stack is printed and the run "
+                        "exits (a stuck collective or data loader); 0 disables.")
     g.add_argument("--report_to", type=str, default="tensorboard", choices=["tensorboard", "wandb", "all", "none"],
                    help="Experiment tracker (metrics.jsonl in --output_dir is written in every case).")
     g.add_argument("--tracker_project_name", type=str, default=None, help="wandb project / tensorboard run name.")

@@ -197,3 +197,22 @@ def wait_for(path, timeout=600.0):
         if time.monotonic() - start > timeout:
             raise CheckpointError(f"{path} did not appear within {timeout:.0f} s")
         time.sleep(0.1)
+
+
+def state_mismatches(model, tensors):
+    """How a saved state dict differs from a model's, as readable strings (empty when it loads as is)."""
+    own = model.state_dict()
+    out = [f"missing {k}" for k in own if k not in tensors]
+    out += [f"unexpected {k}" for k in tensors if k not in own]
+    out += [f"{k}: {tuple(tensors[k].shape)} in the checkpoint, {tuple(v.shape)} in the model"
+            for k, v in own.items() if k in tensors and tensors[k].shape != v.shape]
+    return out
+
+
+def load_matching(model, tensors):
+    """Load the tensors whose name and shape match; the rest of `model` keeps its fresh initialisation.
+    Returns the names that were not loaded."""
+    own = model.state_dict()
+    matching = {k: v for k, v in tensors.items() if k in own and own[k].shape == v.shape}
+    model.load_state_dict(matching, strict=False)
+    return sorted(set(own) - set(matching))

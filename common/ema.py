@@ -30,6 +30,13 @@ class EMA:
             if b.is_floating_point():
                 yield name, b
 
+    @torch.no_grad()
+    def reset(self, model):
+        """Start the average afresh from `model`'s current weights (e.g. after loading weights that changed)."""
+        for name, t in self._tracked(model):
+            self.shadow[name].copy_(t)
+        self.num_updates = 0
+
     def decay(self):
         value = 1 - (1 + self.num_updates) ** -self.power
         return min(self.max_decay, max(self.min_decay, value))

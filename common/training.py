@@ -2,10 +2,15 @@
 metric accumulation and logging. None of it is a loop; each script's loop stays in the script."""
 
 import contextlib
+import faulthandler
 import json
 import logging
 import math
+import os
 import random
+import signal
+import sys
+import threading
 import time
 import uuid
 from pathlib import Path
@@ -208,3 +213,75 @@ def new_run_id():
 def report_to(value):
     """--report_to as accelerate's `log_with`."""
     return {"none": None, "all": "all"}.get(value, [value])
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Unattended runs: preemption, stalls, changed settings on resume
+
+
+class GracefulStop:
+    """SIGTERM (a cluster preempting the job): finish the current step, checkpoint, exit 0.
+
+    The signal only sets a flag; `requested()` is checked after every optimizer step. With several processes the
+    flag is agreed by an all-reduce, so every process stops after the same step even if the signal reached them
+    at different moments.
+    """
+
+    def __init__(self, signals=(signal.SIGTERM,)):
+        self.flag = False
+        if threading.current_thread() is threading.main_thread():
+            for sig in signals:
+                signal.signal(sig, self._handle)
+
+    def _handle(self, signum, frame):
+        self.flag = True
+        print(f"received {signal.Signals(signum).name}: stopping after this step with a checkpoint", file=sys.stderr,
+              flush=True)
+
+    def requested(self, accelerator):
+        if accelerator.num_processes == 1:
+            return self.flag
+        flag = torch.tensor([float(self.flag)], device=accelerator.device)
+        torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+        return bool(flag.item())
+
+
+class Watchdog:
+    """If no `beat()` comes for `timeout` seconds, print every thread's stack and exit with status 3.
+
+    A collective that waits for a process that died, or a data loader worker that hangs, otherwise blocks a run
+    for ever without a word. Beat after every optimizer step and around long pauses (validation, checkpoints).
+    """
+
+    def __init__(self, timeout):
+        self.timeout = timeout
+        self.last = time.monotonic()
+        if timeout and timeout > 0:
+            threading.Thread(target=self._watch, name="watchdog", daemon=True).start()
+
+    def beat(self):
+        self.last = time.monotonic()
+
+    def _watch(self):
+        while True:
+            time.sleep(min(5.0, self.timeout / 4))
+            idle = time.monotonic() - self.last
+            if idle > self.timeout:
+                print(f"no training progress for {idle:.0f} s (--stall_timeout {self.timeout:g}): a stuck collective, "
+                      f"data loader or filesystem? Stacks of every thread follow; exiting.", file=sys.stderr,
+                      flush=True)
+                faulthandler.dump_traceback(file=sys.stderr, all_threads=True)
+                sys.stderr.flush()
+                os._exit(3)
+
+
+def log_changed_settings(saved_args, args, keys, saved_processes=None, processes=None):
+    """State every setting that differs from the checkpoint's on resume, so nothing is silently misapplied."""
+    changed = [f"--{k} {getattr(args, k)} (the checkpoint was trained with {saved_args.get(k)})"
+               for k in keys if k in saved_args and saved_args.get(k) != getattr(args, k)]
+    if saved_processes is not None and saved_processes != processes:
+        changed.append(f"{processes} processes (the checkpoint was trained with {saved_processes}); the global batch "
+                       f"and the data position per process change with it")
+    for line in changed:
+        logger.warning(f"resuming with {line}")
+    return changed

@@ -5,7 +5,7 @@ import torch
 
 from common import checkpoint
 from common.checkpoint import (Checkpoint, CheckpointError, CheckpointWriter, checkpoint_dirs, latest_checkpoint,
-                               resolve_resume)
+                               load_matching, resolve_resume, state_mismatches)
 
 
 def save(out, step, limit=None, value=1.0):
@@ -96,3 +96,16 @@ def test_manifest_lists_every_file(tmp_path):
     path = save(tmp_path, 1)
     manifest = json.loads((path / "complete.json").read_text())
     assert set(manifest["files"]) == {"model.safetensors", "optimizer.pt", "training_state.json", "rng_state_0.pt"}
+
+
+def test_a_changed_model_is_described_and_loads_what_still_fits():
+    torch.manual_seed(0)
+    old = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Linear(8, 2))
+    new = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Linear(8, 3), torch.nn.Linear(3, 1))
+    saved = old.state_dict()
+    assert state_mismatches(old, saved) == []
+    described = state_mismatches(new, saved)
+    assert "missing 2.weight" in described and "1.weight: (2, 8) in the checkpoint, (3, 8) in the model" in described
+    fresh = new[1].weight.clone()
+    assert load_matching(new, saved) == ["1.bias", "1.weight", "2.bias", "2.weight"]
+    assert torch.equal(new[0].weight, old[0].weight) and torch.equal(new[1].weight, fresh)

@@ -55,3 +55,16 @@ def test_refuses_a_different_model():
     ema = EMA(net())
     with pytest.raises(ValueError, match="does not match"):
         EMA(torch.nn.Linear(4, 4)).load_state_dict(ema.state_dict())
+
+
+def test_reset_starts_the_average_from_the_current_weights():
+    model = net()
+    ema = EMA(model, max_decay=0.9)
+    ema.update(model)
+    ema.update(model)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(3.0)
+    ema.reset(model)
+    assert ema.num_updates == 0 and ema.decay() == 0.0
+    assert all(torch.equal(p, ema.shadow[name]) for name, p in model.named_parameters())
