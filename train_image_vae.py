@@ -32,8 +32,9 @@ from diffusers import AutoencoderKL
 from tqdm.auto import tqdm
 
 from common.args import (ArgumentParser, add_ema_args, add_optimizer_args, add_run_args, non_negative_float,
-                         non_negative_int, optimizer_kwargs, parse_args_with_config, positive_float, positive_int)
-from common.checkpoint import Checkpoint, CheckpointError, CheckpointWriter, resolve_resume
+                         non_negative_int, optimizer_kwargs, parse_args_with_config, positive_int)
+from common.checkpoint import (Checkpoint, CheckpointError, CheckpointWriter, load_matching, resolve_resume,
+                               state_mismatches)
 from common.data import (IMAGE_EXTENSIONS, CorruptSampleTracker, FileImages, HFImages, ImageDataset,
                          ResumableBatchSampler, collate, find_files, has_any_file, infinite_batches, split_holdout)
 from common.discriminators import IMAGE_DISCRIMINATORS, build_image_discriminator
@@ -44,9 +45,9 @@ from common.media import image_grid, log_images
 from common.metrics import psnr, ssim
 from common.optim import build_optimizer, build_scheduler
 from common.perf import FlopCount, Throughput, peak_bf16_flops
-from common.training import (MetricsAccumulator, MetricsFile, SkipGuard, all_finite, clip_and_step,
-                             configure_torch, frozen, init_trackers, new_run_id, report_to, rng_state,
-                             set_rng_state)
+from common.training import (GracefulStop, MetricsAccumulator, MetricsFile, SkipGuard, Watchdog, all_finite,
+                             clip_and_step, configure_torch, frozen, init_trackers, log_changed_settings, new_run_id,
+                             report_to, rng_state, set_rng_state)
 
 logger = get_logger(__name__)
 
@@ -287,8 +288,11 @@ def is_r1_step(step, args):
 
 
 def train_step(images, model, disc, lpips, opt_vae, opt_disc, accelerator, args, step):
-    """One micro-batch: the discriminator step on detached reconstructions, then the VAE step (HiFi-GAN's
-    ordering); each optimizer steps at the end of the accumulation window. Returns a flat dict of tensors."""
+    """One micro-batch: the discriminator's loss on detached reconstructions, then the VAE's loss through the
+    frozen discriminator; both optimizers step at the end of the accumulation window. (Stepping D first, as
+    HiFi-GAN does, would let the VAE's last micro-batch see a different discriminator than the others: with both
+    stepping at the window's end, k micro-batches of b give exactly the update of one batch of k*b.)
+    Returns a flat dict of tensors."""
     weights = loss_weights(args)
     gan_on = disc is not None and step >= args.disc_start_step
     models = (model, disc) if disc is not None else (model,)
@@ -307,9 +311,6 @@ def train_step(images, model, disc, lpips, opt_vae, opt_disc, accelerator, args,
                 d_loss = discriminator_loss(logits_real, logits_fake, args.gan_loss)
                 r1 = r1_penalty(logits_real, real) if r1_now else torch.zeros((), device=images.device)
             accelerator.backward(d_loss + 0.5 * args.r1_gamma * args.r1_interval * r1)
-            if accelerator.sync_gradients:
-                out["grad_norm/disc"], out["stepped/disc"] = clip_and_step(
-                    accelerator, opt_disc, disc.parameters(), args.max_grad_norm)
             out.update({"loss/disc": d_loss.detach(), "loss/r1": r1.detach(),
                         "disc/logits_real": _mean(logits_real), "disc/logits_fake": _mean(logits_fake),
                         # D(real) / D(fake) as probabilities: the seed's health ranges are 0.7-0.9 and 0.3-0.6.
@@ -337,7 +338,11 @@ def train_step(images, model, disc, lpips, opt_vae, opt_disc, accelerator, args,
                 out["weight/adaptive_adv"] = adv_scale
         total = sum(weights[k] * (adv_scale if k == "adv" else 1.0) * v for k, v in losses.items())
         accelerator.backward(total)
-        if accelerator.sync_gradients:
+
+        if accelerator.sync_gradients:  # the end of the accumulation window: both optimizers step
+            if gan_on:
+                out["grad_norm/disc"], out["stepped/disc"] = clip_and_step(
+                    accelerator, opt_disc, disc.parameters(), args.max_grad_norm)
             out["grad_norm/vae"], out["stepped/vae"] = clip_and_step(
                 accelerator, opt_vae, model.parameters(), args.max_grad_norm)
 
@@ -439,8 +444,7 @@ def export_from_checkpoint(args):
 
 def save_checkpoint(accelerator, args, step, state, models, optimizers, schedulers, ema, vae_config, guard, corrupt):
     """Everything a resumed run needs, written atomically (see common/checkpoint.py)."""
-    vae, disc = models
-    for name, module in (("vae", vae), ("disc", disc)):
+    for name, module in models.items():
         if module is not None and not all_finite(list(module.parameters())):
             raise SystemExit(f"stopping: the {name} weights hold non-finite values at step {step}; not "
                              f"checkpointing them (the previous checkpoint is intact)")
@@ -451,9 +455,9 @@ def save_checkpoint(accelerator, args, step, state, models, optimizers, schedule
     writer.add_rank_object("rng_state", {"rng": rng_state(), "corrupt": corrupt.state_dict()},
                            accelerator.process_index)
     if accelerator.is_main_process:
-        writer.add_tensors("vae", vae.state_dict())
-        if disc is not None:
-            writer.add_tensors("discriminator", disc.state_dict())
+        writer.add_tensors("vae", models["vae"].state_dict())
+        if models["disc"] is not None:
+            writer.add_tensors("discriminator", models["disc"].state_dict())
         if ema is not None:
             writer.add_tensors("ema", ema.shadow)
         for name, opt in optimizers.items():
@@ -465,7 +469,7 @@ def save_checkpoint(accelerator, args, step, state, models, optimizers, schedule
         writer.add_json("vae_config", dict(vae_config))
         writer.add_json("training_state", {
             **state, "step": step, "ema_updates": ema.num_updates if ema else 0, "skips": guard.state_dict(),
-            "args": vars(args)})
+            "num_processes": accelerator.num_processes, "args": vars(args)})
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         path = writer.commit(args.checkpoints_total_limit)
@@ -474,27 +478,48 @@ def save_checkpoint(accelerator, args, step, state, models, optimizers, schedule
 
 
 def load_checkpoint(ckpt, accelerator, args, models, optimizers, schedulers, ema, vae_config, guard, corrupt):
-    """Restore a checkpoint into freshly built objects; returns the saved training state."""
-    vae, disc = models
-    saved_config = ckpt.json("vae_config")
-    changed = sorted(k for k in set(saved_config) | set(vae_config)
-                     if not k.startswith("_") and k not in ("scaling_factor", "shift_factor")
-                     and _jsonable(saved_config.get(k)) != _jsonable(vae_config.get(k)))
-    if changed:
-        raise SystemExit(f"--resume_from_checkpoint {ckpt.path}: the VAE architecture differs from the "
-                         f"checkpoint's in {', '.join(changed)}")
-    vae.load_state_dict(ckpt.tensors("vae"))
-    if disc is not None:
-        if not ckpt.has("discriminator"):
-            raise SystemExit(f"--resume_from_checkpoint {ckpt.path}: it has no discriminator, but the GAN is on")
-        disc.load_state_dict(ckpt.tensors("discriminator"))
+    """Restore a checkpoint into freshly built objects; returns the saved training state.
+
+    A model whose architecture differs from the checkpoint's is refused, unless --allow_model_change: then its
+    tensors that still fit are loaded, the rest start fresh, and its optimizer state (and the EMA) start afresh.
+    """
     state = ckpt.json("training_state")
-    if ema is not None and ckpt.has("ema"):
-        ema.load_state_dict({"shadow": ckpt.tensors("ema", accelerator.device), "num_updates": state["ema_updates"]})
-    for name, opt in optimizers.items():
-        opt.load_state_dict(ckpt.object(f"optimizer_{name}"))
-    for name, sched in schedulers.items():
-        sched.load_state_dict(ckpt.object(f"scheduler_{name}"))
+    saved_config = ckpt.json("vae_config")
+    changed = {"vae": [f"config {k}" for k in sorted(set(saved_config) | set(vae_config))
+                       if not k.startswith("_") and k not in ("scaling_factor", "shift_factor")
+                       and _jsonable(saved_config.get(k)) != _jsonable(vae_config.get(k))], "disc": []}
+    tensors = {"vae": ckpt.tensors("vae")}
+    changed["vae"] += state_mismatches(models["vae"], tensors["vae"])
+    if models["disc"] is not None:
+        if ckpt.has("discriminator"):
+            tensors["disc"] = ckpt.tensors("discriminator")
+            changed["disc"] += state_mismatches(models["disc"], tensors["disc"])
+        else:
+            changed["disc"].append("the checkpoint has no discriminator")
+    differences = [f"{name}: {d}" for name, ds in changed.items() for d in ds]
+    if differences and not args.allow_model_change:
+        raise SystemExit(f"--resume_from_checkpoint {ckpt.path}: the model differs from the checkpoint's "
+                         f"({'; '.join(differences[:4])}{'; ...' if len(differences) > 4 else ''}); pass "
+                         f"--allow_model_change to start from the weights that still fit")
+    for name, model in models.items():
+        if model is None:
+            continue
+        if changed[name]:
+            fresh = load_matching(model, tensors.get(name, {}))
+            logger.warning(f"--allow_model_change: {name} loads the tensors that fit; {len(fresh)} start fresh "
+                           f"({', '.join(fresh[:5])}{', ...' if len(fresh) > 5 else ''}); its optimizer starts afresh")
+        else:
+            model.load_state_dict(tensors[name])
+            optimizers[name].load_state_dict(ckpt.object(f"optimizer_{name}"))
+    if ema is not None:
+        if changed["vae"] or not ckpt.has("ema"):
+            ema.reset(models["vae"])
+        else:
+            ema.load_state_dict({"shadow": ckpt.tensors("ema", accelerator.device),
+                                 "num_updates": state["ema_updates"]})
+    for name, sched in schedulers.items():  # the schedules continue from the saved step either way
+        if ckpt.has(f"scheduler_{name}"):
+            sched.load_state_dict(ckpt.object(f"scheduler_{name}"))
     if accelerator.scaler is not None and ckpt.has("scaler"):
         accelerator.scaler.load_state_dict(ckpt.object("scaler"))
     guard.load_state_dict(state["skips"])
@@ -505,13 +530,24 @@ def load_checkpoint(ckpt, accelerator, args, models, optimizers, schedulers, ema
     else:
         set_rng_state(mine["rng"])
         corrupt.load_state_dict(mine["corrupt"])
-    saved_args = state["args"]
-    for key in ("train_batch_size", "gradient_accumulation_steps", "max_train_steps", "learning_rate",
-                "lr_scheduler", "disc_start_step"):
-        if saved_args.get(key) != getattr(args, key):
-            logger.warning(f"resuming with --{key} {getattr(args, key)} (the checkpoint was trained with "
-                           f"{saved_args.get(key)})")
+    log_changed_settings(state["args"], args, SCHEDULE_FLAGS, state.get("num_processes"), accelerator.num_processes)
     return state
+
+
+# Settings whose change on resume alters the run's course; each is stated in the log when it differs.
+SCHEDULE_FLAGS = ("train_batch_size", "gradient_accumulation_steps", "max_train_steps", "num_train_epochs",
+                  "learning_rate", "lr_scheduler", "lr_warmup_steps", "optimizer", "disc_learning_rate",
+                  "disc_optimizer", "disc_start_step", "mixed_precision", "seed", "resolution", "kl_weight",
+                  "adv_weight", "lpips_weight")
+
+
+def process_group_kwargs(stall_timeout):
+    """Collectives time out a little after the watchdog fires, so a stuck one is reported with stacks first."""
+    from datetime import timedelta
+
+    from accelerate.utils import InitProcessGroupKwargs
+
+    return [InitProcessGroupKwargs(timeout=timedelta(seconds=stall_timeout + 120))] if stall_timeout else []
 
 
 def _jsonable(v):
@@ -528,10 +564,11 @@ def main(args):
         "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "no")
     accelerator = Accelerator(
         gradient_accumulation_steps=args.gradient_accumulation_steps, mixed_precision=mixed_precision,
-        log_with=report_to(args.report_to),
+        log_with=report_to(args.report_to), kwargs_handlers=process_group_kwargs(args.stall_timeout),
         project_config=ProjectConfiguration(project_dir=args.output_dir, logging_dir=str(Path(args.output_dir, "logs"))))
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
     configure_torch(args.allow_tf32)
+    stop, watchdog = GracefulStop(), Watchdog(args.stall_timeout)
     try:
         resume = resolve_resume(args.resume_from_checkpoint, args.output_dir)
         ckpt = Checkpoint(resume) if resume else None
@@ -589,7 +626,7 @@ def main(args):
     set_seed(args.seed, device_specific=True)  # per-process noise from here on
 
     state = {"epoch": 0, "samples_in_epoch": 0, "run_id": new_run_id()}
-    plain = (vae, accelerator.unwrap_model(disc) if disc is not None else None)
+    plain = {"vae": vae, "disc": accelerator.unwrap_model(disc) if disc is not None else None}
     if ckpt is not None:
         state = load_checkpoint(ckpt, accelerator, args, plain, optimizers, schedulers, ema, vae_config, guard,
                                 corrupt)
@@ -606,6 +643,7 @@ def main(args):
     batches = infinite_batches(loader, sampler, state["epoch"], batch_in_epoch)
     throughput, accumulated, flops = Throughput(peak_bf16_flops()), MetricsAccumulator(), {}
     progress = tqdm(total=max_steps, initial=global_step, desc="steps", disable=not accelerator.is_local_main_process)
+    watchdog.beat()
     while global_step < max_steps:
         epoch, b, batch = next(batches)
         corrupt.update(batch["skipped"], len(batch["index"]))
@@ -623,7 +661,7 @@ def main(args):
             continue
 
         # One optimizer step done. A schedule advances with its own optimizer (D's starts with the GAN).
-        guard.update(all(stepped.values()), global_step)
+        guard.update(all(stepped.values()), global_step + 1)
         for name, ok in stepped.items():
             if ok:
                 schedulers[name].step()
@@ -633,6 +671,8 @@ def main(args):
         state["epoch"], state["samples_in_epoch"] = epoch, (b + 1) * sampler.global_batch
         throughput.add(samples_per_step, flops.get(regime))
         progress.update(1)
+        watchdog.beat()
+        stopping = stop.requested(accelerator)  # SIGTERM: checkpoint this step and exit 0
 
         if global_step % args.logging_steps == 0 or global_step == max_steps:
             logs = accumulated.pop(accelerator)  # sync point
@@ -644,7 +684,7 @@ def main(args):
             accelerator.log(logs, step=global_step)
             metrics_file.write(global_step, logs)
             progress.set_postfix(loss=f"{logs['loss/total']:.4f}", img_s=f"{logs['perf/samples_per_s']:.1f}")
-        if global_step % args.validation_steps == 0 or global_step == max_steps:
+        if (global_step % args.validation_steps == 0 or global_step == max_steps) and not stopping:
             if accelerator.is_main_process:
                 (ema.copy_to(vae_eval) if ema is not None else vae_eval.load_state_dict(vae.state_dict()))
                 val = validate(vae_eval, val_images, lpips, args, global_step, accelerator)
@@ -652,13 +692,18 @@ def main(args):
                 metrics_file.write(global_step, val)
                 logger.info(f"step {global_step}: " + ", ".join(f"{k} {v:.4f}" for k, v in val.items()))
             accelerator.wait_for_everyone()
-        if global_step % args.checkpointing_steps == 0 or global_step == max_steps:
+            watchdog.beat()
+        if global_step % args.checkpointing_steps == 0 or global_step == max_steps or stopping:
             save_checkpoint(accelerator, args, global_step, state, plain, optimizers, schedulers, ema, vae_config,
                             guard, corrupt)
+            watchdog.beat()
+        if stopping:
+            logger.info(f"stopped at step {global_step} on request; continue with --resume_from_checkpoint latest")
+            break
 
     # Export: the EMA weights as a diffusers AutoencoderKL with latent_stats.json
     progress.close()
-    if accelerator.is_main_process:
+    if accelerator.is_main_process and global_step == max_steps:
         (ema.copy_to(vae_eval) if ema is not None else vae_eval.load_state_dict(vae.state_dict()))
         stats = export(vae_eval, train_source, args, args.output_dir, device)
         logger.info(f"exported to {args.output_dir} (scaling_factor {stats['scaling_factor']:.5f}); corrupt "
