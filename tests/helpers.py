@@ -23,7 +23,7 @@ def run(script, *args, launcher="python", processes=1, timeout=600, faults=None,
     """
     target = [str(ROOT / script), *map(str, args)]
     if faults:
-        target = [str(ROOT / "tests" / "fault_runner.py"), *faults, "--", *target]
+        target = [str(ROOT / "tests" / "fault_runner.py"), *map(str, faults), "--", *target]
     if launcher == "accelerate":
         # Several CPU processes need torchrun's launcher (--multi_gpu) and ACCELERATE_USE_CPU, which makes
         # Accelerate join them with gloo; `--cpu --num_processes N` alone starts a single process.
@@ -45,6 +45,6 @@ def start(script, *args, faults=None, **env_extra):
     """Start a run in the background (for kill tests); returns the Popen."""
     target = [str(ROOT / script), *map(str, args)]
     if faults:
-        target = [str(ROOT / "tests" / "fault_runner.py"), *faults, "--", *target]
+        target = [str(ROOT / "tests" / "fault_runner.py"), *map(str, faults), "--", *target]
     return subprocess.Popen([sys.executable, *target], cwd=ROOT, env=env(**env_extra), stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True)

@@ -2,10 +2,6 @@
 
 import argparse
 import json
-import shutil
-import signal
-import time
-from pathlib import Path
 
 import pytest
 import torch
@@ -16,7 +12,7 @@ import train_image_vae as script
 from common.checkpoint import Checkpoint
 from common.metrics import psnr
 from common.training import read_metrics
-from helpers import run, start
+from helpers import run
 
 TINY = ["--model", "kl-f8-tiny", "--resolution", "32", "--train_batch_size", "4", "--disc_ndf", "8",
         "--lpips_backbone", "random", "--lpips_weight", "0.5", "--report_to", "none", "--dataloader_num_workers", "0",
@@ -125,79 +121,6 @@ def test_export_from_a_checkpoint(trained, tmp_path):
         json.loads((trained / "latent_stats.json").read_text())
 
 
-def _resume_args(data, out, steps=12):
-    return ["--train_data_dir", data, "--output_dir", out, *TINY, "--max_train_steps", steps,
-            "--disc_start_step", "8", "--r1_interval", "4", "--checkpointing_steps", "6", "--validation_steps", "100",
-            "--dataloader_num_workers", "2", "--lr_scheduler", "cosine", "--lr_warmup_steps", "3"]
-
-
-def _assert_same_checkpoint(a, b):
-    ca, cb = Checkpoint(a), Checkpoint(b)
-    for name in ("vae", "discriminator", "ema"):
-        ta, tb = ca.tensors(name), cb.tensors(name)
-        assert all(torch.equal(ta[k], tb[k]) for k in ta), name
-    for name in ("optimizer_vae", "optimizer_disc"):
-        sa, sb = ca.object(name)["state"], cb.object(name)["state"]
-        assert all(torch.equal(sa[i][k], sb[i][k]) for i in sa for k in sa[i]), name
-    assert ca.object("scheduler_vae") == cb.object("scheduler_vae")
-
-
-def test_resume_is_exact_across_the_gan_start_and_r1(tmp_path, demo_images):
-    """6 steps + crash + resume + 6 steps == 12 uninterrupted steps: the GAN starts at step 8, R1 runs at step 8."""
-    run("train_image_vae.py", *_resume_args(demo_images, tmp_path / "a"))
-    crashed = run("train_image_vae.py", *_resume_args(demo_images, tmp_path / "b"),
-                  faults=["--exit_after_checkpoint", "6"], check=False)
-    assert crashed.returncode == 17, crashed.stderr[-2000:]
-    resumed = run("train_image_vae.py", *_resume_args(demo_images, tmp_path / "b"), "--resume_from_checkpoint",
-                  "latest")
-    assert "resumed from" in resumed.stderr and "checkpoint-6 at step 6" in resumed.stderr
-    ma, mb = read_metrics(tmp_path / "a" / "metrics.jsonl"), read_metrics(tmp_path / "b" / "metrics.jsonl")
-    losses = lambda ms: [(m["step"], m["loss/total"], m.get("loss/disc")) for m in ms if "loss/total" in m]  # noqa
-    assert losses(ma) == losses(mb) and len(losses(ma)) == 12
-    _assert_same_checkpoint(tmp_path / "a" / "checkpoint-12", tmp_path / "b" / "checkpoint-12")
-
-
-def test_killed_while_checkpointing_resumes_from_the_previous_one(tmp_path, demo_images):
-    out = tmp_path / "run"
-    proc = start("train_image_vae.py", *_resume_args(demo_images, out, steps=12), "--checkpointing_steps", "4",
-                 faults=["--slow_checkpoint", "8"])
-    deadline = time.time() + 300
-    while not (out / ".checkpoint-8.tmp").exists() and time.time() < deadline and proc.poll() is None:
-        time.sleep(0.2)
-    time.sleep(1.0)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    assert (out / ".checkpoint-8.tmp").exists() and not (out / "checkpoint-8").exists()
-    resumed = run("train_image_vae.py", *_resume_args(demo_images, out, steps=12), "--checkpointing_steps", "4",
-                  "--resume_from_checkpoint", "latest")
-    assert "checkpoint-4 at step 4" in resumed.stderr
-    assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-12", "checkpoint-4", "checkpoint-8"]
-    assert not list(out.glob(".checkpoint-*"))
-
-
-def test_corrupt_images_are_skipped_counted_and_logged(tmp_path, demo_images):
-    data = tmp_path / "data"
-    shutil.copytree(demo_images, data)
-    good = (data / "00000.png").read_bytes()
-    (data / "zero.png").write_bytes(b"")
-    (data / "cut.png").write_bytes(good[: len(good) // 3])
-    (data / "notes.jpg").write_text("this is text, not a JPEG")
-    val = tmp_path / "val"
-    shutil.copytree(demo_images, val)
-    args = ["--train_data_dir", data, "--validation_data_dir", val, "--output_dir", tmp_path / "out", *TINY,
-            "--num_train_epochs", "3", "--adv_weight", "0", "--validation_steps", "1000", "--checkpointing_steps",
-            "1000"]
-    done = run("train_image_vae.py", *args, "--max_corrupt_fraction", "0.2")
-    for name, reason in (("zero.png", "empty file"), ("cut.png", "truncated"), ("notes.jpg", "not an image")):
-        assert f"skipped corrupt sample {data / name}: {reason}" in done.stderr
-    assert done.stderr.count("skipped corrupt sample") == 3  # each path once, however often it comes round
-    last = [m for m in read_metrics(tmp_path / "out" / "metrics.jsonl") if "data/skipped" in m][-1]
-    assert last["data/skipped"] >= 3
-    stopped = run("train_image_vae.py", *args, "--max_corrupt_fraction", "0.01", check=False)
-    assert stopped.returncode != 0
-    assert "corrupt" in stopped.stderr and "over --max_corrupt_fraction 0.01" in stopped.stderr
-
-
 def test_finetunes_a_pretrained_diffusers_vae_and_a_hf_dataset(tmp_path, demo_images):
     pretrained = tmp_path / "pretrained"
     script.build_vae(script.VAE_PRESETS["kl-f8-tiny"]).save_pretrained(pretrained)
@@ -205,30 +128,3 @@ def test_finetunes_a_pretrained_diffusers_vae_and_a_hf_dataset(tmp_path, demo_im
         "--pretrained_vae_model_name_or_path", pretrained, "--max_train_steps", "3", "--adv_weight", "0",
         HF_DATASETS_OFFLINE="1")
     assert AutoencoderKL.from_pretrained(tmp_path / "out").config.block_out_channels == [16, 32, 32, 32]
-
-
-def test_two_processes_train_checkpoint_and_resume(tmp_path, demo_images):
-    """Two CPU processes (gloo): each takes its slice of every global batch; every process's RNG state is saved."""
-    args = ["--train_data_dir", demo_images, "--output_dir", tmp_path, *TINY, "--train_batch_size", "2",
-            "--disc_start_step", "2", "--r1_interval", "2", "--checkpointing_steps", "3", "--validation_steps", "6"]
-    run("train_image_vae.py", *args, "--max_train_steps", "3", launcher="accelerate", processes=2)
-    assert {"rng_state_0.pt", "rng_state_1.pt"} <= Checkpoint(tmp_path / "checkpoint-3").files
-    resumed = run("train_image_vae.py", *args, "--max_train_steps", "6", "--resume_from_checkpoint", "latest",
-                  launcher="accelerate", processes=2)
-    assert "resuming with --max_train_steps 6 (the checkpoint was trained with 3)" in resumed.stderr
-    steps = [m["step"] for m in read_metrics(tmp_path / "metrics.jsonl") if "loss/total" in m]
-    assert steps == [1, 2, 3, 4, 5, 6]  # one metrics file, written by the main process only
-    assert AutoencoderKL.from_pretrained(tmp_path).config.latent_channels == 4
-
-
-@pytest.mark.slow
-def test_compiled_training_saves_plain_keys(tmp_path, demo_images):
-    """--compile: compiled in place, so checkpoints and the export load into the eager model."""
-    run("train_image_vae.py", "--train_data_dir", demo_images, "--output_dir", tmp_path, *TINY, "--compile",
-        "--max_train_steps", "3", "--adv_weight", "0", "--lpips_weight", "0", "--checkpointing_steps", "3")
-    keys = Checkpoint(tmp_path / "checkpoint-3").tensors("vae").keys()
-    assert keys and not any("_orig_mod" in k for k in keys)
-    vae = AutoencoderKL.from_pretrained(tmp_path)
-    assert set(vae.state_dict()) == set(keys)
-    losses = [m["loss/total"] for m in read_metrics(tmp_path / "metrics.jsonl") if "loss/total" in m]
-    assert len(losses) == 3 and all(l == l and abs(l) < 10 for l in losses)

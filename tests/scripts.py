@@ -1,0 +1,133 @@
+"""The training scripts under the reliability tests (tests/test_reliability.py), and the contract they keep.
+
+A new script joins every reliability test by adding one `ScriptSpec` to SCRIPTS. It must:
+
+- take the shared flags of `common.args.add_run_args` (batch size, accumulation, steps, checkpointing, resume,
+  --allow_model_change, --stall_timeout, --max_consecutive_skips, --max_corrupt_fraction, ...);
+- write `checkpoint-<step>/` with `common.checkpoint.CheckpointWriter`: model tensors, `optimizer_<name>.pt`,
+  `scheduler_<name>.pt` (stepped once per update of its optimizer) and `training_state.json` (`step`, `epoch`,
+  `run_id`, `ema_updates`, `num_processes`, `args`), and log "resumed from <checkpoint> at step <n>";
+- log to `metrics.jsonl` through `common.training.MetricsFile`, every optimizer step when --logging_steps 1:
+  `loss/total`, `train/skipped_steps`, `train/epoch`, `data/skipped`;
+- skip non-finite steps with `common.training.clip_and_step` + `SkipGuard`, stop on SIGTERM with
+  `GracefulStop` (checkpoint, exit 0), and beat a `Watchdog` after every step;
+- draw data through `common.data.infinite_batches`, replacing corrupt samples and counting them with
+  `CorruptSampleTracker`.
+"""
+
+import dataclasses
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+
+@dataclasses.dataclass
+class ScriptSpec:
+    name: str
+    script: str
+    make_data: Callable  # (folder) -> data flags; the training set has `train_samples` items
+    train_samples: int
+    tiny: list  # flags for a fast CPU run (small model and inputs, --logging_steps 1, no trackers)
+    gan: Callable  # (start_step) -> flags that start the GAN at that step (with regularisers on), or [] if none
+    weights: tuple  # checkpoint tensor files that must match exactly after a resume
+    optimizers: tuple  # names of the optimizers (optimizer_<name>.pt, scheduler_<name>.pt)
+    corrupt: Callable  # (training data folder) -> {file name: reason it is skipped for}
+    bigger_model: list  # flags that change a model's shape (to test refusal on resume)
+    accumulation_probe: Callable  # see image_vae_accumulation_probe
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# train_image_vae.py
+
+
+def image_vae_data(folder):
+    from common.demo_data import make_demo_images
+
+    train = make_demo_images(Path(folder) / "train", num_images=40, size=32, seed=0)
+    val = make_demo_images(Path(folder) / "val", num_images=4, size=32, seed=1)
+    return ["--train_data_dir", train, "--validation_data_dir", val]
+
+
+def image_corruptions(folder):
+    folder = Path(folder)
+    png = (folder / "00000.png").read_bytes()
+    (folder / "empty.png").write_bytes(b"")
+    (folder / "header_only.png").write_bytes(png[:16])
+    (folder / "cut.png").write_bytes(png[: len(png) // 2])
+    (folder / "words.png").write_text("a text file under an image's extension")
+    from PIL import Image
+
+    Image.open(folder / "00001.png").convert("RGB").save(folder / "photo.jpg", quality=90)
+    jpeg = (folder / "photo.jpg").read_bytes()
+    (folder / "photo.jpg").unlink()
+    (folder / "cut.jpg").write_bytes(jpeg[: len(jpeg) // 2])
+    return {"empty.png": "empty file", "header_only.png": "truncated", "cut.png": "truncated",
+            "words.png": "not an image", "cut.jpg": "truncated"}
+
+
+def image_vae_accumulation_probe(micro_batches, accumulation, max_grad_norm):
+    """One optimizer step of train_image_vae's `train_step`, in float64, over `micro_batches` with
+    --gradient_accumulation_steps `accumulation`, GAN and R1 on, posterior mean instead of a sample (so the
+    noise cannot differ between batchings). Returns (weights after the step, discriminator weights after each
+    micro-batch, how many times each discriminator parameter received a gradient, the logged metrics)."""
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState, GradientState
+
+    import train_image_vae as script
+    from common.discriminators import build_image_discriminator
+    from common.losses import LPIPS
+    from common.optim import build_optimizer
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+    GradientState._reset_state()
+    args = script.build_parser().parse_args([
+        "--output_dir", "/tmp/unused", "--train_data_dir", ".", "--model", "kl-f8-tiny", "--resolution", "32",
+        "--disc_norm", "group", "--disc_ndf", "8", "--disc_start_step", "0", "--r1_interval", "1",
+        "--lpips_backbone", "random", "--lpips_weight", "0.5", "--kl_weight", "0.1", "--fm_weight", "0.5",
+        "--max_grad_norm", str(max_grad_norm), "--gradient_accumulation_steps", str(accumulation)])
+    torch.manual_seed(0)
+    vae = script.build_vae(script.VAE_PRESETS["kl-f8-tiny"]).double()
+    disc = build_image_discriminator("patchgan", 3, 8, 3, "group").double()
+    lpips = LPIPS(pretrained_backbone=False).double()
+
+    class Deterministic(script.VAEForTraining):
+        def forward(self, images):
+            posterior = self.vae.encode(images).latent_dist
+            return self.vae.decode(posterior.mean).sample, posterior.mean, posterior.logvar
+
+    opt_vae = build_optimizer("adamw", vae.parameters(), lr=1e-3)
+    opt_disc = build_optimizer("adamw", disc.parameters(), lr=1e-3, betas=(0.8, 0.99))
+    accelerator = Accelerator(cpu=True, gradient_accumulation_steps=accumulation)
+    model, disc_p, opt_vae, opt_disc = accelerator.prepare(Deterministic(vae), disc, opt_vae, opt_disc)
+    grad_count = {name: 0 for name, _ in disc.named_parameters()}
+    for name, p in disc.named_parameters():
+        p.register_post_accumulate_grad_hook(lambda _, name=name: grad_count.__setitem__(name, grad_count[name] + 1))
+    disc_history, metrics = [{k: v.detach().clone() for k, v in disc.state_dict().items()}], []
+    for batch in micro_batches:
+        metrics.append(script.train_step(batch.double(), model, disc_p, lpips, opt_vae, opt_disc, accelerator,
+                                         args, 0))
+        disc_history.append({k: v.detach().clone() for k, v in disc.state_dict().items()})
+    weights = {f"vae.{k}": v.detach().clone() for k, v in vae.state_dict().items()}
+    weights.update({f"disc.{k}": v for k, v in disc_history[-1].items()})
+    return weights, disc_history, grad_count, metrics
+
+
+IMAGE_VAE = ScriptSpec(
+    name="image_vae",
+    script="train_image_vae.py",
+    make_data=image_vae_data,
+    train_samples=40,
+    tiny=["--model", "kl-f8-tiny", "--resolution", "32", "--disc_ndf", "8", "--lpips_weight", "0",
+          "--report_to", "none", "--num_validation_images", "4", "--latent_stats_num_images", "8",
+          "--mixed_precision", "no", "--learning_rate", "1e-3", "--lr_warmup_steps", "2", "--logging_steps", "1",
+          "--dataloader_num_workers", "0", "--stall_timeout", "300"],
+    gan=lambda start: ["--disc_start_step", str(start), "--r1_interval", "3"],
+    weights=("vae", "discriminator", "ema"),
+    optimizers=("vae", "disc"),
+    corrupt=image_corruptions,
+    bigger_model=["--disc_ndf", "16"],
+    accumulation_probe=image_vae_accumulation_probe,
+)
+
+SCRIPTS = [IMAGE_VAE]
