@@ -1,5 +1,6 @@
 """Parts shared by the training scripts: small modules of functions and nn.Modules, each unit-tested.
 
+audio          audio files in any format and rate, read as mono at the rate a model needs
 args           YAML --config feeding argparse defaults; shared flag groups; one-line errors
 checkpoint     atomic checkpoints with a manifest, retention, resume
 data           resumable sampling, image datasets, corrupt-sample skipping
@@ -7,7 +8,7 @@ demo_data      the built-in demo data
 discriminators PatchGAN and multi-scale PatchGAN, combined discriminators
 ema            EMA with warm-up
 losses         GAN losses, feature matching, KL with free bits, R1, LPIPS
-media          image grids and tracker logging
+media          image grids, audio clips and tracker logging
 metrics        PSNR, SSIM
 optim          optimizers and LR schedules by name (AdamW, 8-bit AdamW, Adam, Lion, Muon, SGD, RMSprop)
 perf           throughput, model-FLOPs utilisation, peak memory

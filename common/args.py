@@ -158,7 +158,8 @@ def add_run_args(parser, *, batch_size, max_train_steps, checkpointing_steps, va
     g.add_argument("--checkpoints_total_limit", type=positive_int, default=None,
                    help="Keep at most this many checkpoints; older ones go only after a new one is complete.")
     g.add_argument("--resume_from_checkpoint", type=str, default=None,
-                   help="'latest' (the newest complete checkpoint in --output_dir, if any) or a checkpoint folder.")
+                   help="'latest' (the newest complete checkpoint in --output_dir, if any), a checkpoint folder, or "
+                        "'none' (start fresh).")
     g.add_argument("--allow_model_change", action="store_true",
                    help="Resume even if the model's shape changed: load the tensors that still fit, start the rest "
                         "(and their optimizer state) fresh. Without it such a resume is refused.")

@@ -47,7 +47,7 @@ def latest_checkpoint(output_dir):
 
 def resolve_resume(resume_from_checkpoint, output_dir):
     """`latest` -> the newest complete checkpoint (or None when there is none); a path -> that folder, checked."""
-    if not resume_from_checkpoint:
+    if not resume_from_checkpoint or resume_from_checkpoint == "none":
         return None
     if resume_from_checkpoint == "latest":
         return latest_checkpoint(output_dir)

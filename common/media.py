@@ -1,4 +1,4 @@
-"""Turning tensors into things people look at: image grids (and, as audio scripts land, clips and spectrograms)."""
+"""Turning tensors into things people look at: image grids and audio clips, logged to the running trackers."""
 
 import numpy as np
 import torch
@@ -32,3 +32,15 @@ def log_images(accelerator, key, image, step):
             import wandb
 
             tracker.log({key: wandb.Image(image)}, step=step)
+
+
+def log_audio(accelerator, key, waveform, sample_rate, step):
+    """Send a (samples,) waveform to whichever trackers are running."""
+    x = waveform.detach().float().reshape(-1).clamp(-1, 1).cpu()
+    for tracker in accelerator.trackers:
+        if tracker.name == "tensorboard":
+            tracker.writer.add_audio(key, x[None], step, sample_rate=sample_rate)
+        elif tracker.name == "wandb":
+            import wandb
+
+            tracker.log({key: wandb.Audio(x.numpy(), sample_rate=sample_rate)}, step=step)

@@ -89,16 +89,18 @@ class SkipGuard:
         self.consecutive = 0
         self.total = 0
 
-    def update(self, stepped, step, what="optimizer"):
+    def update(self, stepped, step, what="optimizer", reason=None):
+        """`reason`: why the step was skipped when it was not for non-finite gradients (e.g. a loss spike)."""
         if stepped:
             self.consecutive = 0
             return
         self.consecutive += 1
         self.total += 1
-        logger.warning(f"step {step}: non-finite {what} gradients, update skipped "
+        logger.warning(f"step {step}: {reason or f'non-finite {what} gradients'}, update skipped "
                        f"({self.consecutive} in a row, {self.total} in all)")
         if self.consecutive >= self.max_consecutive:
-            raise SystemExit(f"stopping: {self.consecutive} optimizer steps in a row had non-finite gradients "
+            why = "were skipped (last: " + reason + ")" if reason else "had non-finite gradients"
+            raise SystemExit(f"stopping: {self.consecutive} optimizer steps in a row {why} "
                              f"(--max_consecutive_skips {self.max_consecutive}); the run is diverging. The last "
                              f"checkpoint is intact: resume from it with a lower learning rate or stronger clipping.")
 
