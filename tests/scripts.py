@@ -35,6 +35,9 @@ class ScriptSpec:
     corrupt: Callable  # (training data folder) -> {file name: reason it is skipped for}
     bigger_model: list  # flags that change a model's shape (to test refusal on resume)
     accumulation_probe: Callable  # see image_vae_accumulation_probe
+    probe_batch: Callable  # () -> a batch of 8 inputs for accumulation_probe
+    grad_norm_key: str  # the logged gradient norm of the main model
+    data_flag: str = "--train_data_dir"  # the flag naming the training data (a folder)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -128,6 +131,120 @@ IMAGE_VAE = ScriptSpec(
     corrupt=image_corruptions,
     bigger_model=["--disc_ndf", "16"],
     accumulation_probe=image_vae_accumulation_probe,
+    probe_batch=lambda: torch.rand(8, 3, 32, 32) * 2 - 1,
+    grad_norm_key="grad_norm/vae",
 )
 
-SCRIPTS = [IMAGE_VAE]
+
+# ---------------------------------------------------------------------------------------------------------------
+# train_rvq.py
+
+RVQ_CODEBOOKS, RVQ_VOCAB = 3, 16
+
+
+def make_codes(folder, num_files, frames, seed, codec="test-codec"):
+    """Code files with structure to learn: codebook 0 mostly counts up, codebook k follows it (k + 1 times as
+    fast) with 10% noise."""
+    from train_rvq import save_codes
+
+    g = torch.Generator().manual_seed(seed)
+    for i in range(num_files):
+        steps = 1 + (torch.rand(frames, generator=g) < 0.2).long()
+        steps[0] = torch.randint(RVQ_VOCAB, (1,), generator=g)
+        base = steps.cumsum(0)
+        codes = torch.stack([(base * (k + 1) + (torch.rand(frames, generator=g) < 0.1).long()) % RVQ_VOCAB
+                             for k in range(RVQ_CODEBOOKS)], dim=1)
+        save_codes(Path(folder) / f"clip{i:03d}.codes.safetensors", codes, codec, 8000, 1000.0, RVQ_VOCAB)
+    return Path(folder)
+
+
+def rvq_data(folder):
+    # 10 files of 41 frames: 4 windows each of ctx 16 every 8 frames, 40 in all.
+    train = make_codes(Path(folder) / "train", 10, 41, seed=0)
+    val = make_codes(Path(folder) / "val", 2, 41, seed=1)
+    return ["--data", train, "--validation_data", val]
+
+
+def rvq_corruptions(folder):
+    from safetensors.torch import save_file
+
+    folder = Path(folder)
+    good = (folder / "clip000.codes.safetensors").read_bytes()
+    (folder / "empty.codes.safetensors").write_bytes(b"")
+    (folder / "cut.codes.safetensors").write_bytes(good[: len(good) - 40])
+    (folder / "words.codes.safetensors").write_text("a text file under a code file's extension")
+    make_codes(folder / "tmp", 1, 41, seed=5)
+    from safetensors import safe_open
+
+    with safe_open(str(folder / "tmp" / "clip000.codes.safetensors"), framework="pt") as f:
+        meta, codes = f.metadata(), f.get_tensor("codes")
+    save_file({"codes": codes + RVQ_VOCAB}, folder / "outside.codes.safetensors", metadata=meta)
+    save_file({"codes": codes}, folder / "liar.codes.safetensors", metadata={**meta, "num_frames": "99"})
+    import shutil
+
+    shutil.rmtree(folder / "tmp")
+    return {"empty.codes.safetensors": "empty file", "cut.codes.safetensors": "truncated",
+            "words.codes.safetensors": "not a code file", "outside.codes.safetensors": "codes outside the vocabulary",
+            "liar.codes.safetensors": "header disagrees with data"}
+
+
+def rvq_accumulation_probe(micro_batches, accumulation, max_grad_norm):
+    """One optimizer step of train_rvq's `train_step` + `guarded_step` in float64, without dropout."""
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState, GradientState
+
+    import train_rvq as script
+    from common.optim import build_optimizer
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+    GradientState._reset_state()
+    args = script.build_parser().parse_args([
+        "--output_dir", "/tmp/unused", "--data", ".", "--model", "tiny", "--dropout", "0", "--ctx", "16",
+        "--max_grad_norm", str(max_grad_norm), "--gradient_accumulation_steps", str(accumulation),
+        "--outlier_factor", "0"])
+    torch.manual_seed(0)
+    cfg = script.RVQConfig(num_codebooks=RVQ_CODEBOOKS, codebook_size=RVQ_VOCAB, dropout=0.0, **script.PRESETS["tiny"])
+    model = script.build_model(cfg).double()
+    optimizer = build_optimizer("adamw", model.parameters(), lr=1e-3)
+    accelerator = Accelerator(cpu=True, gradient_accumulation_steps=accumulation)
+    prepared, optimizer = accelerator.prepare(model, optimizer)
+    weights = torch.tensor([0.5, 1.0, 1.5], dtype=torch.float64)
+    outlier, window_loss, metrics = script.OutlierGuard(0, 0), torch.zeros((), dtype=torch.float64), []
+    for batch in micro_batches:
+        out = script.train_step(batch, prepared, accelerator, args, weights, cfg.pad_id)
+        window_loss = window_loss + out["loss/total"] / accumulation
+        if accelerator.sync_gradients:
+            out["grad_norm/model"], _, stepped = script.guarded_step(accelerator, prepared, optimizer, window_loss,
+                                                                     outlier, args)
+            assert stepped
+        metrics.append(out)
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}, [], {}, metrics
+
+
+def rvq_probe_batch():
+    g = torch.Generator().manual_seed(0)
+    window = torch.randint(RVQ_VOCAB, (8, RVQ_CODEBOOKS - 1 + 17, RVQ_CODEBOOKS), generator=g)
+    window[0, :2] = -1  # a window at a file's start: the delay pattern pads it
+    return window
+
+
+RVQ = ScriptSpec(
+    name="rvq",
+    script="train_rvq.py",
+    make_data=rvq_data,
+    train_samples=40,
+    tiny=["--model", "tiny", "--ctx", "16", "--step", "8", "--report_to", "none", "--mixed_precision", "no",
+          "--learning_rate", "3e-3", "--lr_warmup_steps", "2", "--logging_steps", "1", "--dataloader_num_workers", "0",
+          "--stall_timeout", "300", "--eval_audio_every", "0"],
+    gan=lambda start: [],
+    weights=("model", "ema"),
+    optimizers=("model",),
+    corrupt=rvq_corruptions,
+    bigger_model=["--ignore_arch", "--d_model", "48"],
+    accumulation_probe=rvq_accumulation_probe,
+    probe_batch=rvq_probe_batch,
+    grad_norm_key="grad_norm/model",
+    data_flag="--data",
+)
+
+SCRIPTS = [IMAGE_VAE, RVQ]
