@@ -663,6 +663,8 @@ class CodecDecoder:
             return None
         if self.model is None:
             try:
+                if not (os.path.isdir(self.name) or "/" in self.name or self.name == "random-dac-44khz"):
+                    raise ValueError("neither a folder nor a hub id")
                 self.model = load_codec(self.name).to(self.device).eval()
             except Exception as err:
                 self.failed = True

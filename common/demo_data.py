@@ -8,6 +8,7 @@ import json
 from pathlib import Path
 
 import numpy as np
+import torch
 from PIL import Image, ImageDraw
 
 COLORS = {
@@ -89,3 +90,21 @@ def make_demo_images(out_dir, num_images=512, size=64, seed=0):
         lines.append(json.dumps({"file_name": name, "text": caption, "label": label}))
     meta.write_text("\n".join(lines) + "\n")
     return out
+
+
+def make_demo_codes(folder, num_files=24, frames=400, seed=0, num_codebooks=4, codebook_size=64,
+                    codec="demo-codes"):
+    """Code files for train_rvq.py with structure to learn: codebook 0 mostly counts up by one (by two a fifth
+    of the time), codebook k follows it k + 1 times as fast with 10% noise. Returns the folder."""
+    from train_rvq import save_codes
+
+    folder = Path(folder)
+    g = torch.Generator().manual_seed(seed)
+    for i in range(num_files):
+        steps = 1 + (torch.rand(frames, generator=g) < 0.2).long()
+        steps[0] = torch.randint(codebook_size, (1,), generator=g)
+        base = steps.cumsum(0)
+        codes = torch.stack([(base * (k + 1) + (torch.rand(frames, generator=g) < 0.1).long()) % codebook_size
+                             for k in range(num_codebooks)], dim=1)
+        save_codes(folder / f"clip{i:03d}.codes.safetensors", codes, codec, 8000, 1000.0, codebook_size)
+    return folder

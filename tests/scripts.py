@@ -143,19 +143,9 @@ RVQ_CODEBOOKS, RVQ_VOCAB = 3, 16
 
 
 def make_codes(folder, num_files, frames, seed, codec="test-codec"):
-    """Code files with structure to learn: codebook 0 mostly counts up, codebook k follows it (k + 1 times as
-    fast) with 10% noise."""
-    from train_rvq import save_codes
+    from common.demo_data import make_demo_codes
 
-    g = torch.Generator().manual_seed(seed)
-    for i in range(num_files):
-        steps = 1 + (torch.rand(frames, generator=g) < 0.2).long()
-        steps[0] = torch.randint(RVQ_VOCAB, (1,), generator=g)
-        base = steps.cumsum(0)
-        codes = torch.stack([(base * (k + 1) + (torch.rand(frames, generator=g) < 0.1).long()) % RVQ_VOCAB
-                             for k in range(RVQ_CODEBOOKS)], dim=1)
-        save_codes(Path(folder) / f"clip{i:03d}.codes.safetensors", codes, codec, 8000, 1000.0, RVQ_VOCAB)
-    return Path(folder)
+    return make_demo_codes(folder, num_files, frames, seed, RVQ_CODEBOOKS, RVQ_VOCAB, codec)
 
 
 def rvq_data(folder):
