@@ -47,7 +47,7 @@ from common.optim import build_optimizer, build_scheduler
 from common.perf import FlopCount, Throughput, peak_bf16_flops
 from common.training import (GracefulStop, MetricsAccumulator, MetricsFile, SkipGuard, Watchdog, all_finite,
                              clip_and_step, configure_torch, frozen, init_trackers, log_changed_settings, new_run_id,
-                             report_to, rng_state, set_rng_state)
+                             process_group_kwargs, report_to, rng_state, set_rng_state)
 
 logger = get_logger(__name__)
 
@@ -539,15 +539,6 @@ SCHEDULE_FLAGS = ("train_batch_size", "gradient_accumulation_steps", "max_train_
                   "learning_rate", "lr_scheduler", "lr_warmup_steps", "optimizer", "disc_learning_rate",
                   "disc_optimizer", "disc_start_step", "mixed_precision", "seed", "resolution", "kl_weight",
                   "adv_weight", "lpips_weight")
-
-
-def process_group_kwargs(stall_timeout):
-    """Collectives time out a little after the watchdog fires, so a stuck one is reported with stacks first."""
-    from datetime import timedelta
-
-    from accelerate.utils import InitProcessGroupKwargs
-
-    return [InitProcessGroupKwargs(timeout=timedelta(seconds=stall_timeout + 120))] if stall_timeout else []
 
 
 def _jsonable(v):

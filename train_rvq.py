@@ -48,8 +48,8 @@ from common.ema import EMA
 from common.optim import build_optimizer, build_scheduler
 from common.perf import FlopCount, Throughput, peak_bf16_flops
 from common.training import (GracefulStop, MetricsAccumulator, MetricsFile, SkipGuard, Watchdog, all_finite,
-                             configure_torch, init_trackers, log_changed_settings, new_run_id, read_metrics,
-                             report_to, rng_state, set_rng_state)
+                             configure_torch, init_trackers, log_changed_settings, new_run_id,
+                             process_group_kwargs, read_metrics, report_to, rng_state, set_rng_state)
 
 logger = get_logger(__name__)
 
@@ -837,14 +837,6 @@ def restore_architecture(ckpt, args):
                        f"{saved.heads} heads, {saved.pattern} pattern); ignoring {', '.join(differ)}: pass "
                        f"--ignore_arch to build from the flags")
     return saved
-
-
-def process_group_kwargs(stall_timeout):
-    from datetime import timedelta
-
-    from accelerate.utils import InitProcessGroupKwargs
-
-    return [InitProcessGroupKwargs(timeout=timedelta(seconds=stall_timeout + 120))] if stall_timeout else []
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -277,6 +277,16 @@ class Watchdog:
                 os._exit(3)
 
 
+def process_group_kwargs(stall_timeout):
+    """Accelerator kwargs_handlers: collectives time out a little after the watchdog fires, so a stuck one is
+    reported with every thread's stack first."""
+    from datetime import timedelta
+
+    from accelerate.utils import InitProcessGroupKwargs
+
+    return [InitProcessGroupKwargs(timeout=timedelta(seconds=stall_timeout + 120))] if stall_timeout else []
+
+
 def log_changed_settings(saved_args, args, keys, saved_processes=None, processes=None):
     """State every setting that differs from the checkpoint's on resume, so nothing is silently misapplied."""
     changed = [f"--{k} {getattr(args, k)} (the checkpoint was trained with {saved_args.get(k)})"
