@@ -1,5 +1,6 @@
 """Built-in demo data, generated on first use: no download, deterministic, small, varied enough to learn from.
 
+Audio: a few harmonic notes with vibrato per clip (WAV, `audiofolder` layout).
 Images: coloured shapes on solid, gradient or striped backgrounds, in the Hugging Face `imagefolder` layout with a
 caption (`text`) and a class (`label`: the main shape) per image in `metadata.jsonl`.
 """
@@ -108,3 +109,49 @@ def make_demo_codes(folder, num_files=24, frames=400, seed=0, num_codebooks=4, c
                              for k in range(num_codebooks)], dim=1)
         save_codes(folder / f"clip{i:03d}.codes.safetensors", codes, codec, 8000, 1000.0, codebook_size)
     return folder
+
+
+def demo_audio(rng, seconds=1.0, sample_rate=22050):
+    """One clip with structure a vocoder can learn: a few notes, each a harmonic tone (pitch 110-440 Hz with
+    vibrato, harmonics falling off at a random rate) under an attack-decay envelope, with a little breath noise."""
+    n = int(seconds * sample_rate)
+    t = np.arange(n) / sample_rate
+    out = np.zeros(n)
+    bounds = np.sort(rng.integers(0, n, size=int(rng.integers(1, 4)))).tolist() + [n]
+    start = 0
+    for end in bounds:
+        if end - start < sample_rate // 20:
+            continue
+        f0 = 110 * 2 ** rng.uniform(0, 2)
+        vibrato = 1 + 0.01 * np.sin(2 * np.pi * rng.uniform(4, 7) * t[start:end])
+        phase = 2 * np.pi * np.cumsum(f0 * vibrato) / sample_rate
+        rolloff = rng.uniform(0.5, 0.9)
+        note = sum(rolloff**k * np.sin((k + 1) * phase) for k in range(12) if (k + 1) * f0 < sample_rate / 2)
+        length = end - start
+        envelope = np.minimum(1, np.arange(length) / (0.02 * sample_rate)) * np.exp(-np.arange(length) /
+                                                                                     (rng.uniform(0.2, 0.8) * sample_rate))
+        out[start:end] += note * envelope
+        start = end
+    out += rng.normal(0, 0.01, n)
+    return (0.5 * out / max(np.abs(out).max(), 1e-9)).astype(np.float32)
+
+
+def make_demo_audio(out_dir, num_files=24, seconds=1.0, sample_rate=22050, seed=0):
+    """Write `num_files` demo clips as 16-bit WAV files (audiofolder layout) unless they are there; returns the
+    path. `seconds` may be a (low, high) range: clip lengths are then drawn from it."""
+    import soundfile as sf
+
+    out = Path(out_dir)
+    meta = out / "metadata.jsonl"
+    if meta.exists() and len(meta.read_text().splitlines()) == num_files:
+        return out
+    out.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    lines = []
+    for i in range(num_files):
+        length = rng.uniform(*seconds) if isinstance(seconds, (tuple, list)) else seconds
+        name = f"clip{i:03d}.wav"
+        sf.write(str(out / name), demo_audio(rng, length, sample_rate), sample_rate, subtype="PCM_16")
+        lines.append(json.dumps({"file_name": name, "text": "a few notes"}))
+    meta.write_text("\n".join(lines) + "\n")
+    return out

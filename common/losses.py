@@ -52,16 +52,22 @@ def generator_loss(fake_logits, kind="hinge"):
     return total
 
 
-def feature_matching_loss(real_features, fake_features):
-    """Mean L1 distance between D's feature maps on real and generated inputs (Larsen et al. 2016; HiFi-GAN).
+def feature_matching_loss(real_features, fake_features, reduction="mean"):
+    """L1 distance between D's feature maps on real and generated inputs (Larsen et al. 2016; HiFi-GAN).
 
-    Features are a list (one per sub-discriminator) of lists of tensors; real features are detached here.
+    Features are a list (one per sub-discriminator) of lists of tensors; real features are detached here. Each
+    map's L1 is averaged over its elements; `reduction` "mean" averages over the maps, "sum" adds them up (the
+    convention of HiFi-GAN and DAC, whose feature-matching weight of 2.0 assumes it).
     """
     total, count = 0.0, 0
     for real_maps, fake_maps in zip(real_features, fake_features, strict=True):
         for real, fake in zip(real_maps, fake_maps, strict=True):
             total = total + F.l1_loss(fake, real.detach())
             count += 1
+    if reduction == "sum":
+        return total
+    if reduction != "mean":
+        raise ValueError(f"unknown reduction '{reduction}' (choose from mean, sum)")
     return total / max(count, 1)
 
 

@@ -1,5 +1,12 @@
-"""Reconstruction metrics on image batches in [-1, 1] (converted to [0, 1] before measuring)."""
+"""Reconstruction metrics.
 
+Images: PSNR and SSIM on batches in [-1, 1] (converted to [0, 1] before measuring).
+Audio: SI-SDR on waveforms, mel cepstral distortion on log-mel spectrograms, and wide-band PESQ (optional package).
+"""
+
+import math
+
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -39,3 +46,89 @@ def ssim(x, y, window_size=11, sigma=1.5):
     c1, c2 = 0.01**2, 0.03**2
     s = ((2 * mu_x * mu_y + c1) * (2 * cov + c2)) / ((mu_x**2 + mu_y**2 + c1) * (var_x + var_y + c2))
     return s.flatten(1).mean(1)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Audio: waveforms (B, T) or (B, 1, T), log-mel spectrograms (B, n_mels, frames).
+
+
+def si_sdr(estimate, reference, eps=1e-8):
+    """Scale-invariant signal-to-distortion ratio (Le Roux et al. 2019, "SDR - half-baked or well done?") in dB per
+    clip, (B,). Both signals are made zero-mean; the reference is scaled by the least-squares gain
+    alpha = <estimate, reference> / ||reference||^2, and
+
+        SI-SDR = 10 log10( ||alpha * reference||^2 / ||estimate - alpha * reference||^2 )
+
+    (`eps` added to both norms), so multiplying the estimate by any non-zero gain leaves it unchanged.
+    Computed in float64, returned in float32."""
+    est = estimate.detach().reshape(-1, estimate.size(-1)).double()
+    ref = reference.detach().reshape(-1, reference.size(-1)).double()
+    est = est - est.mean(-1, keepdim=True)
+    ref = ref - ref.mean(-1, keepdim=True)
+    alpha = (est * ref).sum(-1, keepdim=True) / (ref.square().sum(-1, keepdim=True) + eps)
+    target = alpha * ref
+    distortion = est - target
+    ratio = (target.square().sum(-1) + eps) / (distortion.square().sum(-1) + eps)
+    return (10 * torch.log10(ratio)).float()
+
+
+def _dct_matrix(n, rows, device):
+    """The first `rows` rows of the orthonormal DCT-II of size n, (rows, n) float32:
+    D[k, m] = sqrt((1 if k == 0 else 2) / n) * cos(pi * k * (2m + 1) / (2n))."""
+    k = torch.arange(rows, dtype=torch.float64)[:, None]
+    m = torch.arange(n, dtype=torch.float64)[None, :]
+    d = torch.cos(math.pi * k * (2 * m + 1) / (2 * n)) * math.sqrt(2.0 / n)
+    d[0] /= math.sqrt(2.0)
+    return d.float().to(device)
+
+
+def mel_cepstral_distortion(log_mel_estimate, log_mel_reference, n_coeffs=13):
+    """Mel cepstral distortion in dB per clip, (B,), between two natural-log mel spectrograms (B, n_mels, frames)
+    whose frames are already time-aligned (same framing; no dynamic time warping).
+
+    The mel-cepstrum of a frame is the orthonormal DCT-II of its log-mel vector over the mel axis; of its first
+    `n_coeffs` coefficients c_0 .. c_{n_coeffs - 1}, c_0 (overall level) is dropped, and per frame
+
+        MCD = (10 / ln 10) * sqrt(2 * sum_{k=1}^{n_coeffs - 1} (c_k - c'_k)^2)
+
+    averaged over frames. These cepstra come from the log-mel (as for MFCCs), not from the WORLD/SPTK
+    mel-cepstral analysis most TTS papers use, so absolute values compare only between runs measured here.
+    Log-mels in log10 should be multiplied by ln 10 first."""
+    x, y = log_mel_estimate.detach().float(), log_mel_reference.detach().float()
+    n_mels = x.size(-2)
+    if not 2 <= n_coeffs <= n_mels:
+        raise ValueError(f"n_coeffs must be in [2, n_mels = {n_mels}] (got {n_coeffs})")
+    # the DCT is linear: the cepstral difference is the DCT of the log-mel difference
+    diff = torch.matmul(_dct_matrix(n_mels, n_coeffs, x.device)[1:], x - y)  # (B, n_coeffs - 1, frames)
+    per_frame = (10 / math.log(10)) * torch.sqrt(2 * diff.square().sum(-2))
+    return per_frame.mean(-1)
+
+
+def pesq_wb(estimate, reference, sample_rate):
+    """Mean wide-band PESQ (ITU-T P.862.2, MOS-LQO, about 1 to 4.6) over a batch of clips (B, T) or (B, 1, T),
+    as a float, or None when the optional `pesq` package is not installed.
+
+    Clips are resampled to 16 kHz (soxr, high quality) when `sample_rate` differs. A clip that PESQ refuses
+    (silence: no utterance found, or too short) is left out of the mean; None when every clip was left out.
+    Runs on the CPU, one clip at a time: keep it for evaluation, not the training step."""
+    try:
+        from pesq import PesqError, pesq
+    except ImportError:
+        return None
+    est = estimate.detach().reshape(-1, estimate.size(-1)).float().cpu().numpy()
+    ref = reference.detach().reshape(-1, reference.size(-1)).float().cpu().numpy()
+    if sample_rate != 16000:
+        import soxr
+
+        # soxr resamples (frames, channels): the batch travels as channels
+        est = soxr.resample(est.T, sample_rate, 16000, quality="HQ").T
+        ref = soxr.resample(ref.T, sample_rate, 16000, quality="HQ").T
+    scores = []
+    for e, r in zip(est, ref):
+        try:
+            with np.errstate(divide="ignore", invalid="ignore"):  # pesq divides silence by its zero peak
+                scores.append(float(pesq(16000, np.ascontiguousarray(r, dtype=np.float32),
+                                         np.ascontiguousarray(e, dtype=np.float32), "wb")))
+        except PesqError:
+            continue  # nothing PESQ can measure in this clip
+    return float(np.mean(scores)) if scores else None

@@ -1,5 +1,6 @@
 """Throughput, model-FLOPs utilisation and peak memory, measured rather than guessed."""
 
+import math
 import time
 
 import torch
@@ -35,7 +36,8 @@ def peak_bf16_flops(device=None):
 
 
 class _CountFlops(TorchDispatchMode):
-    """Adds up torch's own FLOP formulas (torch.utils.flop_counter) for every operator dispatched.
+    """Adds up torch's own FLOP formulas (torch.utils.flop_counter) for every operator dispatched, with
+    convolution gradients counted right for grouped convolutions.
 
     Unlike FlopCounterMode it tracks no modules, so it also works through `torch.autograd.grad` (R1 penalties).
     """
@@ -47,10 +49,22 @@ class _CountFlops(TorchDispatchMode):
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         out = func(*args, **kwargs)
+        if func._overloadpacket is torch.ops.aten.convolution_backward:
+            self.total += _conv_backward_flops(*args)
+            return out
         formula = flop_registry.get(func._overloadpacket)
         if formula is not None:
             self.total += formula(*args, **kwargs, out_val=out)
         return out
+
+
+def _conv_backward_flops(grad_output, x, weight, bias_sizes, stride, padding, dilation, transposed, output_padding,
+                         groups, output_mask):
+    """Each of a convolution's input and weight gradients costs what its forward pass does. (torch's own formula
+    treats a grouped convolution's gradients as ungrouped and overcounts them `groups` times.)"""
+    spatial = (x if transposed else grad_output).shape[2:]
+    forward = 2 * x.shape[0] * weight.numel() * math.prod(spatial)
+    return forward * (int(bool(output_mask[0])) + int(bool(output_mask[1])))
 
 
 class FlopCount:
