@@ -1,16 +1,18 @@
 """Parts shared by the training scripts: small modules of functions and nn.Modules, each unit-tested.
 
-audio          audio files in any format and rate, read as mono at the rate a model needs
+audio          audio files in any format and rate, read as mono at the rate a model needs; training segments
 args           YAML --config feeding argparse defaults; shared flag groups; one-line errors
 checkpoint     atomic checkpoints with a manifest, retention, resume
 data           resumable sampling, image datasets, corrupt-sample skipping
 demo_data      the built-in demo data
-discriminators PatchGAN and multi-scale PatchGAN, combined discriminators
+discriminators PatchGAN and multi-scale PatchGAN; waveform MPD, MSD, MRD and multi-band STFT (hifigan, bigvgan, dac)
 ema            EMA with warm-up
 losses         GAN losses, feature matching, KL with free bits, R1, LPIPS
 media          image grids, audio clips and tracker logging
-metrics        PSNR, SSIM
+metrics        PSNR, SSIM; SI-SDR, mel cepstral distortion, PESQ
 optim          optimizers and LR schedules by name (AdamW, 8-bit AdamW, Adam, Lion, Muon, SGD, RMSprop)
 perf           throughput, model-FLOPs utilisation, peak memory
+spectral       the mel configuration (a contract between audio models), log-mel on the GPU, spectral losses
 training       precision flags, RNG state, guarded optimizer steps, metric logging
+vocoder        HiFi-GAN, BigVGAN and Vocos generators; the vocoder export, its loader and command line
 """
