@@ -237,4 +237,103 @@ RVQ = ScriptSpec(
     data_flag="--data",
 )
 
-SCRIPTS = [IMAGE_VAE, RVQ]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# train_vocoder.py
+
+VOCODER_TINY_MEL = ["--sample_rate", "8000", "--n_fft", "512", "--win_length", "512", "--hop_length", "256",
+                    "--n_mels", "24", "--fmax", "4000", "--segment_length", "2048"]
+
+
+def vocoder_data(folder):
+    from common.demo_data import make_demo_audio
+
+    train = make_demo_audio(Path(folder) / "train", num_files=40, seconds=(0.3, 0.6), sample_rate=8000, seed=0)
+    val = make_demo_audio(Path(folder) / "val", num_files=2, seconds=0.5, sample_rate=8000, seed=1)
+    return ["--train_data_dir", train, "--validation_data_dir", val]
+
+
+def audio_corruptions(folder):
+    import numpy as np
+    import soundfile as sf
+
+    folder = Path(folder)
+    wav = (folder / "clip000.wav").read_bytes()
+    (folder / "empty.wav").write_bytes(b"")
+    (folder / "header_only.wav").write_bytes(wav[:44])
+    (folder / "words.wav").write_text("a text file under an audio file's extension")
+    sf.write(str(folder / "silent.flac"), np.zeros(8000, dtype=np.float32), 8000)
+    sf.write(str(folder / "short.wav"), np.full(200, 0.3, dtype=np.float32), 8000)
+    return {"empty.wav": "empty file", "header_only.wav": "no samples", "words.wav": "unreadable audio",
+            "silent.flac": "silent", "short.wav": "too short"}
+
+
+def vocoder_accumulation_probe(micro_batches, accumulation, max_grad_norm):
+    """One optimizer step of train_vocoder's `train_step` in float64 over `micro_batches`, with the GAN on from
+    the first step (HiFi-GAN discriminators, feature matching, multi-resolution STFT, magnitude and phase losses)."""
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState, GradientState
+
+    import train_vocoder as script
+    from common.discriminators import build_audio_discriminator
+    from common.optim import build_optimizer
+    from common.spectral import MelSpectrogram
+    from common.vocoder import build_generator, generator_config
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+    GradientState._reset_state()
+    args = script.build_parser().parse_args([
+        "--output_dir", "/tmp/unused", "--train_data_dir", ".", "--model", "hifigan-tiny", *VOCODER_TINY_MEL,
+        "--disc_width", "0.0625", "--mrstft_weight", "1", "--stft_mag_weight", "1", "--phase_weight", "0.1",
+        "--max_grad_norm", str(max_grad_norm), "--gradient_accumulation_steps", str(accumulation)])
+    torch.manual_seed(0)
+    mel = script.mel_config(args)
+    generator = build_generator(generator_config("hifigan-tiny", mel.n_mels)).double()
+    disc = build_audio_discriminator("hifigan", width=0.0625).double()
+    mel_fn = MelSpectrogram(mel).double()
+    spectral = script.SpectralLosses(args, mel).double()
+    opt_g = build_optimizer("adamw", generator.parameters(), lr=1e-3, betas=(0.8, 0.99))
+    opt_d = build_optimizer("adamw", disc.parameters(), lr=1e-3, betas=(0.8, 0.99))
+    accelerator = Accelerator(cpu=True, gradient_accumulation_steps=accumulation)
+    generator_p, disc_p, opt_g, opt_d = accelerator.prepare(generator, disc, opt_g, opt_d)
+    grad_count = {name: 0 for name, _ in disc.named_parameters()}
+    for name, p in disc.named_parameters():
+        p.register_post_accumulate_grad_hook(lambda _, name=name: grad_count.__setitem__(name, grad_count[name] + 1))
+    disc_history, metrics = [{k: v.detach().clone() for k, v in disc.state_dict().items()}], []
+    for batch in micro_batches:
+        metrics.append(script.train_step(batch.double(), generator_p, disc_p, mel_fn, spectral, opt_g, opt_d,
+                                         accelerator, args, 0))
+        disc_history.append({k: v.detach().clone() for k, v in disc.state_dict().items()})
+    weights = {f"generator.{k}": v.detach().clone() for k, v in generator.state_dict().items()}
+    weights.update({f"disc.{k}": v for k, v in disc_history[-1].items()})
+    return weights, disc_history, grad_count, metrics
+
+
+def vocoder_probe_batch():
+    g = torch.Generator().manual_seed(0)
+    t = torch.arange(2048) / 8000
+    f0 = 100 + 300 * torch.rand(8, 1, generator=g)
+    return 0.4 * torch.sin(2 * torch.pi * f0 * t) + 0.02 * torch.randn(8, 2048, generator=g)
+
+
+VOCODER = ScriptSpec(
+    name="vocoder",
+    script="train_vocoder.py",
+    make_data=vocoder_data,
+    train_samples=40,
+    tiny=["--model", "hifigan-tiny", *VOCODER_TINY_MEL, "--disc_width", "0.0625", "--report_to", "none",
+          "--num_validation_files", "2", "--mixed_precision", "no", "--learning_rate", "1e-3",
+          "--disc_learning_rate", "1e-3", "--lr_warmup_steps", "2", "--logging_steps", "1",
+          "--dataloader_num_workers", "0", "--stall_timeout", "300"],
+    gan=lambda start: ["--disc_start_step", str(start)],
+    weights=("generator", "discriminator", "ema"),
+    optimizers=("generator", "disc"),
+    corrupt=audio_corruptions,
+    bigger_model=["--disc_width", "0.125"],
+    accumulation_probe=vocoder_accumulation_probe,
+    probe_batch=vocoder_probe_batch,
+    grad_norm_key="grad_norm/generator",
+)
+
+SCRIPTS = [IMAGE_VAE, RVQ, VOCODER]
