@@ -6,6 +6,7 @@ and writes an output of each under demo_out/. Nothing is downloaded.
 
 image VAE: demo_out/image_vae/samples/reconstruction_*.png (originals above, reconstructions below),
            metrics.jsonl, and the exported diffusers AutoencoderKL with latent_stats.json.
+vocoder:   demo_out/vocoder/samples/step-*/ (real and resynthesised clips, spectrograms real | generated), the export.
 RVQ LM:    demo_out/rvq/samples/continuation_*.codes.safetensors (a generated continuation of held-out codes),
            metrics.jsonl (held-out cross-entropy per codebook), the export and `train_rvq.py doctor`'s report.
 """
@@ -17,7 +18,7 @@ import sys
 import time
 from pathlib import Path
 
-from common.demo_data import make_demo_codes, make_demo_images
+from common.demo_data import make_demo_audio, make_demo_codes, make_demo_images
 
 ROOT = Path(__file__).resolve().parent
 
@@ -50,6 +51,17 @@ def main():
     print(f"\nimage VAE ({seconds / 60:.1f} min): held-out PSNR {val['val/psnr']:.2f} dB, SSIM {val['val/ssim']:.3f}")
     print(f"  reconstructions: {grids[0]} (first) ... {grids[-1]} (last)")
     print(f"  export: {out / 'image_vae'} (diffusers AutoencoderKL + latent_stats.json)")
+
+    audio = make_demo_audio(out / "data" / "notes", num_files=48, seconds=(1.0, 2.0), sample_rate=16000, seed=0)
+    seconds = run("train_vocoder.py", "--config", ROOT / "configs/demo/vocoder.yaml", "--train_data_dir", audio,
+                  "--output_dir", out / "vocoder", "--resume_from_checkpoint", "none")
+    val = last_values(out / "vocoder" / "metrics.jsonl", "val/")
+    last = sorted((out / "vocoder" / "samples").glob("step-*"))[-1]
+    print(f"\nvocoder ({seconds / 60:.1f} min): held-out mel L1 {val['val/mel_l1']:.3f}, MR-STFT {val['val/mrstft']:.3f}"
+          + (f", PESQ {val['val/pesq']:.2f}" if "val/pesq" in val else ""))
+    print(f"  clips and spectrograms: {last}; resynthesise any file with")
+    print(f"  python -m common.vocoder --vocoder {out / 'vocoder'} --input {sorted(audio.glob('*.wav'))[0]} "
+          f"--output resynthesised.wav")
 
     train = make_demo_codes(out / "data" / "codes" / "train", num_files=24, seed=0)
     held_out = make_demo_codes(out / "data" / "codes" / "validation", num_files=4, seed=1)

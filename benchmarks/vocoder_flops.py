@@ -6,7 +6,8 @@
   pass on real + generated audio (forward, input and weight gradients), 2x for the generator's pass through the
   frozen discriminator (no weight gradients).
 
-The two agree when backward costs about twice the forward pass. FLOPs grow linearly with the batch, so the step
+The two agree when backward costs about twice the forward pass. Also the memory each pass keeps for its backward
+(`saved_gib`: tensors saved by autograd, each counted once). FLOPs and saved memory grow linearly with the batch, so the step
 is run at batch 1 on the CPU (a few seconds) and scaled to --batch.
 
     python benchmarks/vocoder_flops.py [--model hifigan-v1] [--discriminator hifigan] [--batch 16] [--segment 8192]
@@ -40,6 +41,28 @@ def main():
     mel = torch.randn(1, mel_config.n_mels, args.segment // mel_config.hop_length, device=device)
     audio = torch.randn(1, 1, args.segment, device=device)
 
+    saved = {"generator": 0, "disc_real_and_generated": 0, "disc_generated": 0}
+
+    def keep(key):  # adds up the bytes autograd saves for backward inside the block
+        seen = set()
+
+        def pack(t):
+            if t.data_ptr() not in seen:
+                seen.add(t.data_ptr())
+                saved[key] += t.numel() * t.element_size() * scale
+            return t
+        return torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t)
+
+    with keep("generator"):
+        fake = generator(mel)
+    with keep("disc_real_and_generated"):
+        disc(torch.cat([audio, fake.detach()]))
+    disc.requires_grad_(False)
+    with keep("disc_generated"):
+        disc(fake)
+    disc.requires_grad_(True)
+    del fake
+
     with FlopCount() as g_fwd, torch.no_grad():
         generator(mel)
     with FlopCount() as d_fwd, torch.no_grad():
@@ -66,7 +89,8 @@ def main():
         "generator_forward_gflop": g_fwd.total / 1e9, "disc_forward_2b_gflop": d_fwd.total / 1e9,
         "disc_forward_b_gflop": d_fwd_b.total / 1e9, "mel_forward_gflop": mel_fwd.total / 1e9,
         "step_counted_gflop": step.total / 1e9, "step_from_forward_gflop": from_forward / 1e9,
-        "counted_over_from_forward": step.total / from_forward}, indent=1))
+        "counted_over_from_forward": step.total / from_forward,
+        "saved_gib": {k: round(v / 2**30, 3) for k, v in saved.items()}}, indent=1))
 
 
 if __name__ == "__main__":
