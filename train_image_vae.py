@@ -47,7 +47,7 @@ from common.optim import build_optimizer, build_scheduler
 from common.perf import FlopCount, Throughput, peak_bf16_flops
 from common.training import (GracefulStop, MetricsAccumulator, MetricsFile, SkipGuard, Watchdog, all_finite,
                              clip_and_step, configure_torch, frozen, init_trackers, log_changed_settings, new_run_id,
-                             process_group_kwargs, report_to, rng_state, set_rng_state)
+                             process_group_kwargs, report_to, rng_state, set_rng_state, write_run_info)
 
 logger = get_logger(__name__)
 
@@ -625,6 +625,7 @@ def main(args):
     global_step = ckpt.step if ckpt is not None else 0
     init_trackers(accelerator, args.tracker_project_name or "train_image_vae", vars(args), state["run_id"],
                   args.output_dir)
+    write_run_info(args.output_dir, args, accelerator, __file__)
     metrics_file = MetricsFile(Path(args.output_dir, "metrics.jsonl"), resume_step=global_step if ckpt else None,
                                enabled=accelerator.is_main_process)
 

@@ -49,7 +49,8 @@ from common.optim import build_optimizer, build_scheduler
 from common.perf import FlopCount, Throughput, peak_bf16_flops
 from common.training import (GracefulStop, MetricsAccumulator, MetricsFile, SkipGuard, Watchdog, all_finite,
                              configure_torch, init_trackers, log_changed_settings, new_run_id,
-                             process_group_kwargs, read_metrics, report_to, rng_state, set_rng_state)
+                             process_group_kwargs, read_metrics, report_to, rng_state, set_rng_state,
+                             write_run_info)
 
 logger = get_logger(__name__)
 
@@ -945,6 +946,7 @@ def main(args):
         logger.info(f"no checkpoint in {args.output_dir}: starting a new run")
     global_step = ckpt.step if ckpt is not None else 0
     init_trackers(accelerator, args.tracker_project_name or "train_rvq", vars(args), state["run_id"], args.output_dir)
+    write_run_info(args.output_dir, args, accelerator, __file__)
     metrics_file = MetricsFile(Path(args.output_dir, "metrics.jsonl"), resume_step=global_step if ckpt else None,
                                enabled=accelerator.is_main_process)
     decoder = CodecDecoder(args.codec or header["codec"], "cpu" if args.eval_on_cpu else device)

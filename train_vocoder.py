@@ -51,7 +51,7 @@ from common.spectral import (LOG_KINDS, MelConfig, MelSpectrogram, MultiResoluti
                              stft_phase_losses)
 from common.training import (GracefulStop, MetricsAccumulator, MetricsFile, SkipGuard, Watchdog, all_finite,
                              clip_and_step, configure_torch, frozen, init_trackers, log_changed_settings, new_run_id,
-                             process_group_kwargs, report_to, rng_state, set_rng_state)
+                             process_group_kwargs, report_to, rng_state, set_rng_state, write_run_info)
 from common.vocoder import GENERATOR_PRESETS, build_generator, generator_config, save_vocoder
 
 logger = get_logger(__name__)
@@ -636,6 +636,7 @@ def main(args):
     global_step = ckpt.step if ckpt is not None else 0
     init_trackers(accelerator, args.tracker_project_name or "train_vocoder", vars(args), state["run_id"],
                   args.output_dir)
+    write_run_info(args.output_dir, args, accelerator, __file__)
     metrics_file = MetricsFile(Path(args.output_dir, "metrics.jsonl"), resume_step=global_step if ckpt else None,
                                enabled=accelerator.is_main_process)
 

@@ -187,6 +187,56 @@ class MetricsFile:
             f.write(json.dumps({"step": step, "time": round(time.time() - self.start, 3), **values}) + "\n")
 
 
+def write_run_info(output_dir, args, accelerator, script):
+    """`run.json` beside metrics.jsonl: what this launch was (script, command line, resolved arguments, git commit,
+    package versions, devices), so a run can be compared and reproduced without any service. A resumed run keeps
+    the earlier launches' records under "previous_launches"."""
+    if not accelerator.is_main_process:
+        return
+    import platform
+    import subprocess
+    from datetime import datetime, timezone
+    from importlib import metadata
+
+    path = Path(output_dir, "run.json")
+    previous = []
+    if path.exists():
+        try:
+            old = json.loads(path.read_text())
+            previous = old.pop("previous_launches", []) + [{k: old.get(k) for k in ("started", "git", "command")}]
+        except (OSError, json.JSONDecodeError):
+            previous = []
+    root = Path(script).resolve().parent
+
+    def git(*cmd):
+        try:
+            return subprocess.run(["git", *cmd], cwd=root, capture_output=True, text=True, timeout=10).stdout.strip()
+        except (OSError, subprocess.SubprocessError):
+            return ""
+
+    packages = {}
+    for name in ("torch", "accelerate", "diffusers", "transformers", "safetensors", "numpy", "open_clip_torch", "wandb"):
+        try:
+            packages[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            pass
+    devices = ([torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
+               if torch.cuda.is_available() else [])
+    info = {
+        "script": Path(script).name, "command": " ".join([Path(sys.executable).name, *sys.argv]),
+        "started": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "git": {"commit": git("rev-parse", "HEAD") or None, "dirty": bool(git("status", "--porcelain", "--untracked-files=no"))},
+        "packages": packages, "python": platform.python_version(), "platform": platform.platform(),
+        "devices": devices or ["cpu"], "num_processes": accelerator.num_processes,
+        "mixed_precision": accelerator.mixed_precision,
+        "args": {k: (v if isinstance(v, (int, float, str, bool, list)) or v is None else str(v))
+                 for k, v in vars(args).items()},
+        "previous_launches": previous,
+    }
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(info, indent=2) + "\n")
+
+
 def _line_step(line):
     try:
         return json.loads(line)["step"]

@@ -86,6 +86,8 @@ def test_training_learns_and_logs(trained):
     vals = [m for m in metrics if "val/psnr" in m]
     assert [m["step"] for m in vals] == [15, 30] and "val/ssim" in vals[-1] and "val/lpips" in vals[-1]
     assert (trained / "samples" / "reconstruction_0000030.png").exists()
+    info = json.loads((trained / "run.json").read_text())
+    assert info["script"] == "train_image_vae.py" and info["args"]["disc_start_step"] == 15 and info["git"]
     assert [p.name for p in trained.glob("checkpoint-*")] == ["checkpoint-30"]  # total limit 1
 
 

@@ -197,6 +197,7 @@ def test_training_learns_below_the_unigram_entropy(trained):
     metrics = read_metrics(out / "metrics.jsonl")
     vals = [m["val/loss"] for m in metrics if "val/loss" in m]
     assert len(vals) == 3 and vals[-1] < vals[0] and vals[-1] < 0.8 * float(entropy.mean())
+    assert json.loads((out / "run.json").read_text())["script"] == "train_rvq.py"
     losses = [m["loss/total"] for m in metrics if "loss/total" in m]
     assert losses[-1] < 0.6 * losses[0]
     last_val = [m for m in metrics if "val/loss" in m][-1]
