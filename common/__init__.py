@@ -3,6 +3,7 @@
 audio          audio files in any format and rate, read as mono at the rate a model needs; training segments
 args           YAML --config feeding argparse defaults; shared flag groups; one-line errors
 checkpoint     atomic checkpoints with a manifest, retention, resume
+compare        `python -m common.compare RUN...`: final and best values of runs, one figure
 data           resumable sampling, image datasets, corrupt-sample skipping
 demo_data      the built-in demo data
 discriminators PatchGAN and multi-scale PatchGAN; waveform MPD, MSD, MRD and multi-band STFT (hifigan, bigvgan, dac)

@@ -93,6 +93,18 @@ def test_training_learns_and_logs(trained):
     assert vals[-1]["val/mel_l1"] < vals[0]["val/mel_l1"]
     samples = trained / "samples" / "step-0000030"
     assert (samples / "spectrograms.png").exists() and (samples / "0_generated.wav").exists()
+    info = json.loads((trained / "run.json").read_text())  # what the run was, for comparing runs later
+    assert info["script"] == "train_vocoder.py" and info["args"]["max_train_steps"] == 30
+    assert info["packages"]["torch"] and info["devices"] == ["cpu"] and "--disc_start_step" in info["command"]
+
+
+def test_runs_compare_from_their_files(trained, tmp_path, capsys):
+    from common.compare import main
+
+    main([str(trained), "--metrics", "loss/mel", "val/mel_l1", "--plot", str(tmp_path / "cmp.png")])
+    out = capsys.readouterr().out
+    best = min(m["loss/mel"] for m in read_metrics(trained / "metrics.jsonl") if "loss/mel" in m)
+    assert f"{best:.5g}" in out and (tmp_path / "cmp.png").stat().st_size > 1000
 
 
 def test_export_reproduces_the_last_validation_bit_for_bit(trained):
