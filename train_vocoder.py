@@ -191,8 +191,14 @@ def check_args(parser, args):
     if upsampling != args.hop_length:
         parser.error(f"--model {args.model} upsamples by {upsampling} but --hop_length is {args.hop_length}: give "
                      f"--hop_length {upsampling} or a preset whose upsampling matches")
-    if args.mel_loss == "multiscale" and args.sample_rate < 8000:
-        parser.error(f"--mel_loss multiscale needs --sample_rate >= 8000 (got {args.sample_rate})")
+    # The STFT-based discriminators and losses use windows of up to 2048 samples, reflect-padded into the segment.
+    uses_long_windows = [flag for flag, on in (("--discriminator bigvgan", args.discriminator == "bigvgan"),
+                                               ("--discriminator dac", args.discriminator == "dac"),
+                                               ("--mel_loss multiscale", args.mel_loss == "multiscale"),
+                                               ("--mrstft_weight", args.mrstft_weight > 0)) if on]
+    if uses_long_windows and args.segment_length < 2048:
+        parser.error(f"--segment_length {args.segment_length} is too short for {uses_long_windows[0]} (STFT windows "
+                     f"of 2048 samples; give at least {-(-2048 // args.hop_length) * args.hop_length})")
 
 
 def _generator_overrides(args, mel):

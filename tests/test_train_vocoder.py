@@ -41,6 +41,8 @@ def test_help_documents_every_flag():
     (["--hop_length", "128", "--n_fft", "512"], "--model hifigan-tiny upsamples by 256 but --hop_length is 128"),
     (["--win_length", "1024"], "mel settings: win_length 1024 must be <= n_fft 512"),
     (["--fmax", "6000"], "mel settings: need 0 <= fmin < fmax <= sample_rate / 2"),
+    (["--segment_length", "1536", "--discriminator", "dac"],
+     "--segment_length 1536 is too short for --discriminator dac (STFT windows of 2048 samples; give at least 2048)"),
     (["--learning_rate", "0"], "--learning_rate: must be > 0"),
     (["--config", "{bad_config}"], "unreadable YAML"),
     ([], "--train_data_dir is required"),
