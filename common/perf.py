@@ -89,7 +89,10 @@ class FlopCount:
 
 
 class Throughput:
-    """Samples/s, steps/s and MFU between two `measure()` calls (call it at logging steps only)."""
+    """Samples/s, steps/s, MFU and peak memory between two `measure()` calls (call it at logging steps only).
+
+    Peak memory is per window, so the first window shows start-up transients (cuDNN tries its algorithms with
+    workspaces sized to the free memory of the card) and later ones the memory the run really keeps needing."""
 
     def __init__(self, peak_flops=None):
         self.peak_flops = peak_flops
@@ -110,5 +113,6 @@ class Throughput:
             out["perf/mfu"] = self.flops / elapsed / self.peak_flops
         if torch.cuda.is_available():
             out["perf/peak_mem_gib"] = torch.cuda.max_memory_allocated() / 2**30
+            torch.cuda.reset_peak_memory_stats()
         self.last_time, self.samples, self.steps, self.flops = now, 0, 0, 0.0
         return out

@@ -8,6 +8,7 @@ import logging
 import math
 import os
 import random
+import re
 import signal
 import sys
 import threading
@@ -72,13 +73,23 @@ def clip_and_step(accelerator, optimizer, parameters, max_grad_norm):
     with no extra collective. Returns (grad_norm, stepped). This is a host sync point (one per optimizer step).
     Under fp16 the grad scaler decides: it skips non-finite steps itself and lowers its scale.
     """
-    grad_norm = accelerator.clip_grad_norm_(parameters, max_grad_norm if max_grad_norm > 0 else math.inf)
-    finite = bool(torch.isfinite(grad_norm))  # sync point
-    if finite or accelerator.scaler is not None:
-        optimizer.step()
-    stepped = finite and not optimizer.step_was_skipped
-    optimizer.zero_grad(set_to_none=True)
-    return grad_norm.detach(), stepped
+    return clip_and_step_all(accelerator, [(optimizer, parameters, max_grad_norm)])[0]
+
+
+def clip_and_step_all(accelerator, updates):
+    """`clip_and_step` for several optimizers that step together (a GAN's generator and discriminator), with one
+    host sync for all of them instead of one each. `updates`: (optimizer, parameters, max_grad_norm) triples.
+    Returns a (grad_norm, stepped) pair per triple, in order."""
+    norms = [accelerator.clip_grad_norm_(parameters, max_grad_norm if max_grad_norm > 0 else math.inf)
+             for _, parameters, max_grad_norm in updates]
+    finite = torch.stack([torch.isfinite(n.detach().float()) for n in norms]).tolist()  # the sync point
+    results = []
+    for (optimizer, _, _), grad_norm, ok in zip(updates, norms, finite):
+        if ok or accelerator.scaler is not None:
+            optimizer.step()
+        results.append((grad_norm.detach(), ok and not optimizer.step_was_skipped))
+        optimizer.zero_grad(set_to_none=True)
+    return results
 
 
 class SkipGuard:
@@ -296,6 +307,64 @@ class GracefulStop:
         flag = torch.tensor([float(self.flag)], device=accelerator.device)
         torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
         return bool(flag.item())
+
+
+class StopCondition:
+    """`--stop_when "loss/recon<0.01"`: end a run early once a logged metric has met a threshold in `patience`
+    consecutive logs of it (each log is that metric's value averaged over a logging window, or one validation).
+
+    The step where it holds becomes the run's last: validated, checkpointed and exported like the end of
+    `--max_train_steps`. The checkpoint records that the condition was met, so resuming with the same condition
+    finds the run finished (a staged pipeline skips it); resume with another condition, or none, to train on.
+    With no condition it never fires. Operators: <, <=, >, >=.
+    """
+
+    PATTERN = re.compile(r"^\s*([A-Za-z0-9_./-]+)\s*(<=|>=|<|>)\s*([-+]?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?)\s*$")
+    OPERATORS = {"<": lambda a, b: a < b, "<=": lambda a, b: a <= b, ">": lambda a, b: a > b,
+                 ">=": lambda a, b: a >= b}
+
+    def __init__(self, spec=None, patience=1):
+        self.spec, self.patience = spec, patience
+        self.count, self.met, self.seen = 0, False, False
+        if spec is not None:
+            self.metric, self.op, self.threshold = self.parse(spec)
+
+    @classmethod
+    def parse(cls, spec):
+        match = cls.PATTERN.match(spec)
+        if not match:
+            raise ValueError(f"'{spec}' is not METRIC<VALUE (operators <, <=, >, >=; e.g. 'loss/recon<0.01')")
+        return match.group(1), match.group(2), float(match.group(3))
+
+    def update(self, logs, accelerator=None, main_only=False):
+        """Feed one set of logged values; True once the condition has held `patience` logs in a row. `main_only`:
+        the values exist on the main process alone (validation), whose verdict every process then adopts (a
+        collective, so every process must call it there)."""
+        if self.spec is None:
+            return False
+        if not main_only or accelerator is None or accelerator.is_main_process:
+            if self.metric not in logs and not main_only and not self.seen and not self.metric.startswith("val/"):
+                self.seen = True  # warn once
+                logger.warning(f"--stop_when: '{self.metric}' is not among the logged metrics "
+                               f"({', '.join(sorted(logs))}); the condition cannot hold")
+            if self.metric in logs:
+                self.seen = True
+                held = self.OPERATORS[self.op](float(logs[self.metric]), self.threshold)
+                self.count = self.count + 1 if held else 0
+                self.met = self.met or self.count >= self.patience
+        if main_only and accelerator is not None and accelerator.num_processes > 1:
+            flag = torch.tensor([float(self.met)], device=accelerator.device)
+            torch.distributed.broadcast(flag, src=0)
+            self.met = bool(flag.item())
+        return self.met
+
+    def state_dict(self):
+        return {"spec": self.spec, "patience": self.patience, "count": self.count, "met": self.met}
+
+    def load_state_dict(self, state):
+        """Restore the count of a run that watched the same condition; another condition starts afresh."""
+        if state and state.get("spec") == self.spec and self.spec is not None:
+            self.count, self.met = int(state["count"]), bool(state["met"]) and state.get("patience") == self.patience
 
 
 class Watchdog:

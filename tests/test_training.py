@@ -5,8 +5,8 @@ import pytest
 import torch
 from accelerate import Accelerator
 
-from common.training import (MetricsAccumulator, MetricsFile, SkipGuard, clip_and_step, frozen, read_metrics,
-                             rng_state, set_rng_state)
+from common.training import (MetricsAccumulator, MetricsFile, SkipGuard, clip_and_step, clip_and_step_all, frozen,
+                             read_metrics, rng_state, set_rng_state)
 
 
 def test_rng_state_round_trip_through_a_weights_only_file(tmp_path):
@@ -33,6 +33,21 @@ def test_non_finite_gradients_never_reach_the_weights():
     accelerator.backward(model(torch.ones(2, 3)).sum())
     norm, stepped = clip_and_step(accelerator, opt, model.parameters(), 1e-3)
     assert stepped and norm > 1e-3
+
+
+def test_clip_and_step_all_skips_only_the_optimizer_with_non_finite_gradients():
+    accelerator = Accelerator(cpu=True)
+    g, d = torch.nn.Linear(3, 1), torch.nn.Linear(3, 1)
+    opt_g, opt_d = torch.optim.AdamW(g.parameters(), lr=0.1), torch.optim.AdamW(d.parameters(), lr=0.1)
+    g, opt_g, d, opt_d = accelerator.prepare(g, opt_g, d, opt_d)
+    g_before, d_before = [p.detach().clone() for p in g.parameters()], [p.detach().clone() for p in d.parameters()]
+    accelerator.backward(g(torch.ones(2, 3)).sum() + d(torch.ones(2, 3)).sum() * float("inf"))
+    (g_norm, g_stepped), (d_norm, d_stepped) = clip_and_step_all(
+        accelerator, [(opt_g, g.parameters(), 0.0), (opt_d, d.parameters(), 1.0)])
+    assert g_stepped and torch.isfinite(g_norm) and not d_stepped and not torch.isfinite(d_norm)
+    assert not any(torch.equal(a, b) for a, b in zip(g_before, g.parameters()))
+    assert all(torch.equal(a, b) for a, b in zip(d_before, d.parameters()))
+    assert all(p.grad is None for p in (*g.parameters(), *d.parameters()))  # both zeroed for the next step
 
 
 def test_skip_guard_stops_after_consecutive_skips():
