@@ -45,9 +45,10 @@ from common.media import image_grid, log_images
 from common.metrics import psnr, ssim
 from common.optim import build_optimizer, build_scheduler
 from common.perf import FlopCount, Throughput, peak_bf16_flops
-from common.training import (GracefulStop, MetricsAccumulator, MetricsFile, SkipGuard, Watchdog, all_finite,
-                             clip_and_step, configure_torch, frozen, init_trackers, log_changed_settings, new_run_id,
-                             process_group_kwargs, report_to, rng_state, set_rng_state, write_run_info)
+from common.training import (GracefulStop, MetricsAccumulator, MetricsFile, SkipGuard, StopCondition, Watchdog,
+                             all_finite, clip_and_step, configure_torch, frozen, init_trackers,
+                             log_changed_settings, new_run_id, process_group_kwargs, report_to, rng_state,
+                             set_rng_state, write_run_info)
 
 logger = get_logger(__name__)
 
@@ -623,6 +624,10 @@ def main(args):
                                 corrupt)
         logger.info(f"resumed from {ckpt.path} at step {ckpt.step}")
     global_step = ckpt.step if ckpt is not None else 0
+    stop_when = StopCondition(args.stop_when, args.stop_when_logs)
+    stop_when.load_state_dict(state.get("stop_when"))
+    if stop_when.met:  # this run already ended on the same --stop_when: nothing left to train
+        max_steps = global_step
     init_trackers(accelerator, args.tracker_project_name or "train_image_vae", vars(args), state["run_id"],
                   args.output_dir)
     write_run_info(args.output_dir, args, accelerator, __file__)
@@ -676,6 +681,8 @@ def main(args):
             accelerator.log(logs, step=global_step)
             metrics_file.write(global_step, logs)
             progress.set_postfix(loss=f"{logs['loss/total']:.4f}", img_s=f"{logs['perf/samples_per_s']:.1f}")
+            if stop_when.update(logs):
+                max_steps = global_step  # --stop_when held: this step is the last (validated, checkpointed, exported)
         if (global_step % args.validation_steps == 0 or global_step == max_steps) and not stopping:
             if accelerator.is_main_process:
                 (ema.copy_to(vae_eval) if ema is not None else vae_eval.load_state_dict(vae.state_dict()))
@@ -685,9 +692,11 @@ def main(args):
                 logger.info(f"step {global_step}: " + ", ".join(f"{k} {v:.4f}" for k, v in val.items()))
             accelerator.wait_for_everyone()
             watchdog.beat()
+            if stop_when.update(val if accelerator.is_main_process else {}, accelerator, main_only=True):
+                max_steps = global_step  # --stop_when held on a validation metric: this step is the last
         if global_step % args.checkpointing_steps == 0 or global_step == max_steps or stopping:
-            save_checkpoint(accelerator, args, global_step, state, plain, optimizers, schedulers, ema, vae_config,
-                            guard, corrupt)
+            save_checkpoint(accelerator, args, global_step, {**state, "stop_when": stop_when.state_dict()}, plain,
+                            optimizers, schedulers, ema, vae_config, guard, corrupt)
             watchdog.beat()
         if stopping:
             logger.info(f"stopped at step {global_step} on request; continue with --resume_from_checkpoint latest")

@@ -47,8 +47,8 @@ from common.data import CorruptSample, CorruptSampleTracker, ResumableBatchSampl
 from common.ema import EMA
 from common.optim import build_optimizer, build_scheduler
 from common.perf import FlopCount, Throughput, peak_bf16_flops
-from common.training import (GracefulStop, MetricsAccumulator, MetricsFile, SkipGuard, Watchdog, all_finite,
-                             configure_torch, init_trackers, log_changed_settings, new_run_id,
+from common.training import (GracefulStop, MetricsAccumulator, MetricsFile, SkipGuard, StopCondition, Watchdog,
+                             all_finite, configure_torch, init_trackers, log_changed_settings, new_run_id,
                              process_group_kwargs, read_metrics, report_to, rng_state, set_rng_state,
                              write_run_info)
 
@@ -945,6 +945,10 @@ def main(args):
     elif args.resume_from_checkpoint == "latest":
         logger.info(f"no checkpoint in {args.output_dir}: starting a new run")
     global_step = ckpt.step if ckpt is not None else 0
+    stop_when = StopCondition(args.stop_when, args.stop_when_logs)
+    stop_when.load_state_dict(state.get("stop_when"))
+    if stop_when.met:  # this run already ended on the same --stop_when: nothing left to train
+        max_steps = global_step
     init_trackers(accelerator, args.tracker_project_name or "train_rvq", vars(args), state["run_id"], args.output_dir)
     write_run_info(args.output_dir, args, accelerator, __file__)
     metrics_file = MetricsFile(Path(args.output_dir, "metrics.jsonl"), resume_step=global_step if ckpt else None,
@@ -1003,6 +1007,8 @@ def main(args):
             accelerator.log(logs, step=global_step)
             metrics_file.write(global_step, logs)
             progress.set_postfix(loss=f"{logs['loss/total']:.4f}", fps=f"{logs['perf/frames_per_s']:.0f}")
+            if stop_when.update(logs):
+                max_steps = global_step  # --stop_when held: this step is the last (validated, checkpointed, exported)
         last = global_step == max_steps
         validate_now = global_step % args.validation_steps == 0 or last or (
             epoch_end and args.val_every and (epoch + 1) % args.val_every == 0)
@@ -1022,6 +1028,8 @@ def main(args):
                             f"{state['best_val']:.4f}); CE per codebook {per_cb}")
             accelerator.wait_for_everyone()
             watchdog.beat()
+            if stop_when.update(val if accelerator.is_main_process else {}, accelerator, main_only=True):
+                max_steps, last = global_step, True  # --stop_when held on a validation metric: the last step
         audio_now = args.eval_audio_every and (last or (epoch_end and (epoch + 1) % args.eval_audio_every == 0))
         if audio_now and not stopping:
             if accelerator.is_main_process:
@@ -1032,8 +1040,8 @@ def main(args):
             watchdog.beat()
         if global_step % args.checkpointing_steps == 0 or last or stopping or (
                 epoch_end and args.archive_every and (epoch + 1) % args.archive_every == 0):
-            path = save_checkpoint(accelerator, args, global_step, state, plain, optimizer, scheduler, ema, cfg,
-                                   guard, outlier)
+            path = save_checkpoint(accelerator, args, global_step, {**state, "stop_when": stop_when.state_dict()},
+                                   plain, optimizer, scheduler, ema, cfg, guard, outlier)
             if accelerator.is_main_process and epoch_end and args.archive_every and (epoch + 1) % args.archive_every == 0:
                 archive_checkpoint(path, args.output_dir, args.keep_archived)
             watchdog.beat()

@@ -649,6 +649,10 @@ def main(args):
                                 corrupt)
         logger.info(f"resumed from {ckpt.path} at step {ckpt.step}")
     global_step = ckpt.step if ckpt is not None else 0
+    stop_when = StopCondition(args.stop_when, args.stop_when_logs)
+    stop_when.load_state_dict(state.get("stop_when"))
+    if stop_when.met:  # this run already ended on the same --stop_when: nothing left to train
+        max_steps = global_step
     init_trackers(accelerator, args.tracker_project_name or "train_vocoder", vars(args), state["run_id"],
                   args.output_dir)
     write_run_info(args.output_dir, args, accelerator, __file__)
@@ -702,6 +706,8 @@ def main(args):
             accelerator.log(logs, step=global_step)
             metrics_file.write(global_step, logs)
             progress.set_postfix(mel=f"{logs['loss/mel']:.4f}", seg_s=f"{logs['perf/samples_per_s']:.1f}")
+            if stop_when.update(logs):
+                max_steps = global_step  # --stop_when held: this step is the last (validated, checkpointed, exported)
         if (global_step % args.validation_steps == 0 or global_step == max_steps) and not stopping:
             if accelerator.is_main_process:
                 export_weights(args, ema, generator, gen_eval)
@@ -711,9 +717,11 @@ def main(args):
                 logger.info(f"step {global_step}: " + ", ".join(f"{k} {v:.4f}" for k, v in val.items()))
             accelerator.wait_for_everyone()
             watchdog.beat()
+            if stop_when.update(val if accelerator.is_main_process else {}, accelerator, main_only=True):
+                max_steps = global_step  # --stop_when held on a validation metric: this step is the last
         if global_step % args.checkpointing_steps == 0 or global_step == max_steps or stopping:
-            save_checkpoint(accelerator, args, global_step, state, plain, optimizers, schedulers, ema, model_config,
-                            guard, corrupt)
+            save_checkpoint(accelerator, args, global_step, {**state, "stop_when": stop_when.state_dict()}, plain,
+                            optimizers, schedulers, ema, model_config, guard, corrupt)
             watchdog.beat()
         if stopping:
             logger.info(f"stopped at step {global_step} on request; continue with --resume_from_checkpoint latest")

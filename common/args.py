@@ -125,6 +125,16 @@ def fraction(text):
     return value
 
 
+def stop_condition(text):
+    from common.training import StopCondition
+
+    try:
+        StopCondition.parse(text)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
+    return text.strip()
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Flag groups every script shares. Names follow diffusers' examples so users find the flags they know.
 
@@ -173,6 +183,12 @@ def add_run_args(parser, *, batch_size, max_train_steps, checkpointing_steps, va
                    help="Log metrics every this many optimizer steps (the only regular host-device sync).")
     g.add_argument("--validation_steps", type=positive_int, default=validation_steps,
                    help="Validate (samples and held-out metrics from the EMA weights) every this many steps.")
+    g.add_argument("--stop_when", type=stop_condition, default=None,
+                   help="End the run early once a logged metric meets a threshold, e.g. 'loss/total<0.01' or "
+                        "'val/psnr>=30' (operators <, <=, >, >=): that step is validated, checkpointed and exported "
+                        "as the last.")
+    g.add_argument("--stop_when_logs", type=positive_int, default=1,
+                   help="--stop_when must hold in this many consecutive logs of its metric.")
     return g
 
 
