@@ -43,7 +43,7 @@ from common.losses import (GAN_LOSSES, LPIPS, adaptive_gan_weight, discriminator
                            generator_loss, kl_loss, r1_penalty)
 from common.media import image_grid, log_images
 from common.metrics import psnr, ssim
-from common.optim import build_optimizer, build_scheduler
+from common.optim import build_optimizer, build_scheduler, observe_plateau
 from common.perf import FlopCount, Throughput, peak_bf16_flops
 from common.training import (GracefulStop, MetricsAccumulator, MetricsFile, SkipGuard, StopCondition, Watchdog,
                              all_finite, clip_and_step, configure_torch, frozen, init_trackers,
@@ -681,6 +681,8 @@ def main(args):
             accelerator.log(logs, step=global_step)
             metrics_file.write(global_step, logs)
             progress.set_postfix(loss=f"{logs['loss/total']:.4f}", img_s=f"{logs['perf/samples_per_s']:.1f}")
+            for sched in schedulers.values():
+                observe_plateau(sched, logs)  # --lr_scheduler plateau learns from the logged means
             if stop_when.update(logs):
                 max_steps = global_step  # --stop_when held: this step is the last (validated, checkpointed, exported)
         if (global_step % args.validation_steps == 0 or global_step == max_steps) and not stopping:

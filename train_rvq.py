@@ -45,7 +45,7 @@ from common.checkpoint import (Checkpoint, CheckpointError, CheckpointWriter, ch
                                resolve_resume, state_mismatches)
 from common.data import CorruptSample, CorruptSampleTracker, ResumableBatchSampler, infinite_batches, split_holdout
 from common.ema import EMA
-from common.optim import build_optimizer, build_scheduler
+from common.optim import build_optimizer, build_scheduler, observe_plateau
 from common.perf import FlopCount, Throughput, peak_bf16_flops
 from common.training import (GracefulStop, MetricsAccumulator, MetricsFile, SkipGuard, StopCondition, Watchdog,
                              all_finite, configure_torch, init_trackers, log_changed_settings, new_run_id,
@@ -1007,6 +1007,7 @@ def main(args):
             accelerator.log(logs, step=global_step)
             metrics_file.write(global_step, logs)
             progress.set_postfix(loss=f"{logs['loss/total']:.4f}", fps=f"{logs['perf/frames_per_s']:.0f}")
+            observe_plateau(scheduler, logs)  # --lr_scheduler plateau learns from the logged means
             if stop_when.update(logs):
                 max_steps = global_step  # --stop_when held: this step is the last (validated, checkpointed, exported)
         last = global_step == max_steps

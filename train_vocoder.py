@@ -45,7 +45,7 @@ from common.ema import EMA
 from common.losses import GAN_LOSSES, discriminator_loss, feature_matching_loss, generator_loss
 from common.media import log_audio, log_images, spectrogram_image
 from common.metrics import mel_cepstral_distortion, pesq_wb, si_sdr
-from common.optim import build_optimizer, build_scheduler
+from common.optim import build_optimizer, build_scheduler, observe_plateau
 from common.perf import FlopCount, Throughput, peak_bf16_flops
 from common.spectral import (LOG_KINDS, MelConfig, MelSpectrogram, MultiResolutionSTFTLoss, MultiScaleMelLoss,
                              stft_phase_losses)
@@ -706,6 +706,8 @@ def main(args):
             accelerator.log(logs, step=global_step)
             metrics_file.write(global_step, logs)
             progress.set_postfix(mel=f"{logs['loss/mel']:.4f}", seg_s=f"{logs['perf/samples_per_s']:.1f}")
+            for sched in schedulers.values():
+                observe_plateau(sched, logs)  # --lr_scheduler plateau learns from the logged means
             if stop_when.update(logs):
                 max_steps = global_step  # --stop_when held: this step is the last (validated, checkpointed, exported)
         if (global_step % args.validation_steps == 0 or global_step == max_steps) and not stopping:

@@ -28,7 +28,21 @@ def parse_args_with_config(parser, argv=None):
     known, _ = pre.parse_known_args(argv)
     if known.config:
         parser.set_defaults(**load_config(known.config, parser))
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    check_optimizer_args_flags(parser, args)
+    return args
+
+
+def check_optimizer_args_flags(parser, args):
+    """Every `--{prefix}optimizer_args` against its own `--{prefix}optimizer`, before any model is built."""
+    from common.optim import check_optimizer_args
+
+    for dest, extra in vars(args).items():
+        if dest.endswith("optimizer_args") and extra:
+            prefix = dest[: -len("optimizer_args")]
+            problem = check_optimizer_args(getattr(args, f"{prefix}optimizer"), extra)
+            if problem:
+                parser.error(f"--{dest} {' '.join(f'{k}={v}' for k, v in extra.items())}: {problem}")
 
 
 def load_config(path, parser):
@@ -69,6 +83,11 @@ def _convert(parser, action, value, path, key):
         items = value if isinstance(value, list) else [value]
         return [_convert_one(parser, action, v, where) for v in items]
     if isinstance(value, (list, dict)):
+        if getattr(action.type, "takes_yaml_structures", False):  # e.g. optimizer_args as a mapping
+            try:
+                return action.type(value)
+            except argparse.ArgumentTypeError as err:
+                parser.error(f"{where}: {err}")
         parser.error(f"{where} must be a single value, got {value!r}")
     return _convert_one(parser, action, value, where)
 
@@ -123,6 +142,39 @@ def fraction(text):
     if not 0.0 <= value <= 1.0:
         raise argparse.ArgumentTypeError(f"must be between 0 and 1 (got {text})")
     return value
+
+
+def key_values(text):
+    """'a=1 b=true c=0.5' -> {'a': 1, 'b': True, 'c': 0.5} (values read as YAML scalars); also a dict from a config."""
+    if isinstance(text, dict):
+        if not all(isinstance(k, str) and k.isidentifier() for k in text):
+            raise argparse.ArgumentTypeError(f"{text!r} must map argument names to values")
+        return dict(text)
+    out = {}
+    for item in text.replace(",", " ").split():
+        key, sep, value = item.partition("=")
+        if not sep or not key.isidentifier():
+            raise argparse.ArgumentTypeError(f"'{item}' is not KEY=VALUE")
+        out[key] = yaml.safe_load(value)
+    return out
+
+
+def int_list(text):
+    try:
+        items = text if isinstance(text, (list, tuple)) else str(text).replace(",", " ").split()
+        return tuple(int(v) for v in items)
+    except (TypeError, ValueError):
+        raise argparse.ArgumentTypeError(f"'{text}' is not a comma-separated list of integers") from None
+
+
+key_values.takes_yaml_structures = int_list.takes_yaml_structures = True
+
+
+def training_metric(text):
+    if text.startswith("val/"):
+        raise argparse.ArgumentTypeError(f"'{text}' is a validation metric, computed on the main process only; "
+                                         f"watch a training metric such as loss/total")
+    return text
 
 
 def stop_condition(text):
@@ -220,12 +272,25 @@ def add_optimizer_args(parser, *, prefix="", title, optimizer="adamw", lr, betas
                    help="Learning-rate schedule (all with linear warm-up).")
     g.add_argument(f"--{prefix}lr_warmup_steps", type=non_negative_int, default=warmup_steps,
                    help="Linear warm-up steps from 0 to the peak learning rate.")
+    g.add_argument(f"--{prefix}optimizer_args", type=key_values, default={},
+                   help="Further keyword arguments of the optimizer as KEY=VALUE pairs, e.g. 'amsgrad=true' or "
+                        "'momentum=0.9 ns_steps=6' (the README lists what each optimizer takes).")
     g.add_argument(f"--{prefix}lr_min_ratio", type=fraction, default=0.0,
-                   help="cosine/linear: final learning rate as a fraction of the peak.")
+                   help="cosine/linear: final learning rate as a fraction of the peak; plateau: the floor.")
     g.add_argument(f"--{prefix}lr_gamma", type=fraction, default=0.999,
-                   help="exponential: multiply the learning rate by this once per --lr_decay_every steps.")
+                   help="exponential: multiply the learning rate by this once per --lr_decay_every steps; step: "
+                        "at each milestone.")
     g.add_argument(f"--{prefix}lr_decay_every", type=positive_int, default=1000,
                    help="exponential: steps between decays (use the steps per epoch for HiFi-GAN's per-epoch decay).")
+    g.add_argument(f"--{prefix}lr_milestones", type=int_list, default=(),
+                   help="step: optimizer steps at which the learning rate is multiplied by --lr_gamma, e.g. "
+                        "'100000,150000'.")
+    g.add_argument(f"--{prefix}lr_plateau_metric", type=training_metric, default="loss/total",
+                   help="plateau: the training metric watched at every logging step (lower is better).")
+    g.add_argument(f"--{prefix}lr_plateau_patience", type=positive_int, default=10,
+                   help="plateau: logs without improvement before the learning rate drops.")
+    g.add_argument(f"--{prefix}lr_plateau_factor", type=fraction, default=0.5,
+                   help="plateau: multiply the learning rate by this at each drop.")
     return g
 
 
@@ -234,7 +299,9 @@ def optimizer_kwargs(args, prefix=""):
     get = lambda name: getattr(args, f"{prefix}{name}")  # noqa: E731
     return {
         "optimizer": dict(name=get("optimizer"), lr=get("learning_rate"), betas=(get("adam_beta1"), get("adam_beta2")),
-                          eps=get("adam_epsilon"), weight_decay=get("weight_decay")),
+                          eps=get("adam_epsilon"), weight_decay=get("weight_decay"), extra=get("optimizer_args")),
         "scheduler": dict(name=get("lr_scheduler"), warmup_steps=get("lr_warmup_steps"),
-                          min_ratio=get("lr_min_ratio"), gamma=get("lr_gamma"), decay_every=get("lr_decay_every")),
+                          min_ratio=get("lr_min_ratio"), gamma=get("lr_gamma"), decay_every=get("lr_decay_every"),
+                          milestones=get("lr_milestones"), plateau_metric=get("lr_plateau_metric"),
+                          plateau_patience=get("lr_plateau_patience"), plateau_factor=get("lr_plateau_factor")),
     }

@@ -127,39 +127,71 @@ def muon_param_groups(params, min_side=16):
     return [g for g in (dict(params=muon, use_muon=True), dict(params=other, use_muon=False)) if g["params"]]
 
 
-def _adamw(params, lr, betas, eps, weight_decay):
+def _adamw(params, lr, betas, eps, weight_decay, **extra):
     # The fused kernel (one launch for all tensors) runs on CUDA and on the CPU.
-    return torch.optim.AdamW(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, fused=True)
+    return torch.optim.AdamW(params, **{"lr": lr, "betas": betas, "eps": eps, "weight_decay": weight_decay,
+                                        "fused": True, **extra})
 
 
-def _adamw8bit(params, lr, betas, eps, weight_decay):
+def _adam(params, lr, betas, eps, weight_decay, **extra):
+    return torch.optim.Adam(params, **{"lr": lr, "betas": betas, "eps": eps, "weight_decay": weight_decay,
+                                       "fused": True, **extra})
+
+
+def _adamw8bit(params, lr, betas, eps, weight_decay, **extra):
     try:
         import bitsandbytes as bnb
     except ImportError as err:
         raise SystemExit("--optimizer adamw8bit needs bitsandbytes: pip install bitsandbytes") from err
-    return bnb.optim.AdamW8bit(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay)
+    return bnb.optim.AdamW8bit(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, **extra)
 
 
 OPTIMIZERS = {
     "adamw": _adamw,
     "adamw8bit": _adamw8bit,
-    "adam": lambda params, lr, betas, eps, weight_decay: torch.optim.Adam(
-        params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, fused=True),
-    "lion": lambda params, lr, betas, eps, weight_decay: Lion(params, lr=lr, betas=betas, weight_decay=weight_decay),
-    "muon": lambda params, lr, betas, eps, weight_decay: Muon(
-        muon_param_groups(params), lr=lr, betas=betas, eps=eps, weight_decay=weight_decay),
-    "sgd": lambda params, lr, betas, eps, weight_decay: torch.optim.SGD(
-        params, lr=lr, momentum=betas[0], nesterov=betas[0] > 0, weight_decay=weight_decay),
-    "rmsprop": lambda params, lr, betas, eps, weight_decay: torch.optim.RMSprop(
-        params, lr=lr, alpha=betas[1], eps=eps, weight_decay=weight_decay),
+    "adam": _adam,
+    "lion": lambda params, lr, betas, eps, weight_decay, **extra: Lion(
+        params, lr=lr, betas=betas, weight_decay=weight_decay, **extra),
+    "muon": lambda params, lr, betas, eps, weight_decay, **extra: Muon(
+        muon_param_groups(params), lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, **extra),
+    "sgd": lambda params, lr, betas, eps, weight_decay, **extra: torch.optim.SGD(
+        params, **{"lr": lr, "momentum": betas[0], "nesterov": betas[0] > 0, "weight_decay": weight_decay, **extra}),
+    "rmsprop": lambda params, lr, betas, eps, weight_decay, **extra: torch.optim.RMSprop(
+        params, **{"lr": lr, "alpha": betas[1], "eps": eps, "weight_decay": weight_decay, **extra}),
+}
+
+# The keyword arguments each optimizer takes beyond lr, betas, eps and weight_decay (`--optimizer_args`).
+OPTIMIZER_EXTRA_ARGS = {
+    "adamw": ("amsgrad", "maximize", "foreach", "capturable", "differentiable", "fused"),
+    "adam": ("amsgrad", "maximize", "foreach", "capturable", "differentiable", "fused", "decoupled_weight_decay"),
+    "adamw8bit": ("amsgrad", "optim_bits", "min_8bit_size", "percentile_clipping", "block_wise", "is_paged"),
+    "lion": (),
+    "muon": ("momentum", "nesterov", "ns_steps"),
+    "sgd": ("momentum", "dampening", "nesterov", "maximize", "foreach", "differentiable", "fused"),
+    "rmsprop": ("momentum", "centered", "capturable", "foreach", "maximize", "differentiable"),
 }
 
 
-def build_optimizer(name, params, *, lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0):
-    """An optimizer by name. For `sgd` beta1 is the momentum; for `rmsprop` beta2 is the smoothing constant."""
+def check_optimizer_args(name, extra):
+    """The message naming what `name` does not take among `extra`'s keys, or None when all are known."""
+    unknown = sorted(set(extra) - set(OPTIMIZER_EXTRA_ARGS.get(name, ())))
+    if unknown:
+        valid = ", ".join(OPTIMIZER_EXTRA_ARGS.get(name, ())) or "none beyond the learning rate, betas, epsilon and "\
+            "weight decay flags"
+        return f"{name} takes no argument {', '.join(unknown)} (it takes: {valid})"
+    return None
+
+
+def build_optimizer(name, params, *, lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0, extra=None):
+    """An optimizer by name. For `sgd` beta1 is the momentum; for `rmsprop` beta2 is the smoothing constant.
+    `extra`: further keyword arguments of that optimizer (see OPTIMIZER_EXTRA_ARGS)."""
     if name not in OPTIMIZERS:
         raise ValueError(f"unknown optimizer '{name}' (choose from {', '.join(sorted(OPTIMIZERS))})")
-    return OPTIMIZERS[name](list(params), lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay)
+    problem = check_optimizer_args(name, extra or {})
+    if problem:
+        raise ValueError(problem)
+    return OPTIMIZERS[name](list(params), lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay,
+                            **(extra or {}))
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -174,27 +206,74 @@ def _progress(step, warmup_steps, total_steps):
     return min(1.0, max(0.0, (step - warmup_steps) / max(1, total_steps - warmup_steps)))
 
 
+class Plateau:
+    """The multiplier of the `plateau` schedule: linear warm-up, then x `factor` whenever `metric` (a training
+    metric, lower is better) has not improved on its best by more than 0.01% for `patience` logs in a row, floored
+    at `min_ratio`. It learns only from `observe()`, called at logging steps with the logged means, which are the
+    same on every process. A callable object rather than a function, so LambdaLR's state_dict saves its state
+    and a resumed run continues where it was."""
+
+    def __init__(self, warmup_steps, metric, patience, factor, min_ratio):
+        self.warmup_steps, self.metric, self.patience = warmup_steps, metric, patience
+        self.factor, self.min_ratio = factor, min_ratio
+        self.scale, self.best, self.bad_logs = 1.0, None, 0
+
+    def __call__(self, step):
+        return _warmup(step, self.warmup_steps) * self.scale
+
+    def observe(self, logs):
+        if self.metric not in logs:
+            return
+        value = float(logs[self.metric])
+        if self.best is None or value < self.best - 1e-4 * abs(self.best):
+            self.best, self.bad_logs = value, 0
+            return
+        self.bad_logs += 1
+        if self.bad_logs >= self.patience:
+            self.scale, self.bad_logs = max(self.min_ratio, self.scale * self.factor), 0
+
+
+def observe_plateau(scheduler, logs):
+    """Feed one logging step's values to a `plateau` schedule (a no-op for the others)."""
+    for fn in {id(fn): fn for fn in scheduler.lr_lambdas}.values():  # one object serves every parameter group
+        if isinstance(fn, Plateau):
+            fn.observe(logs)
+
+
+def _milestones(step, warmup, gamma, milestones):
+    return gamma ** sum(step >= m for m in milestones)
+
+
 SCHEDULERS = {
-    "constant": lambda step, total, warmup, min_ratio, gamma, every: _warmup(step, warmup),
-    "cosine": lambda step, total, warmup, min_ratio, gamma, every: _warmup(step, warmup) * (
+    "constant": lambda step, total, warmup, min_ratio, gamma, every, milestones: _warmup(step, warmup),
+    "cosine": lambda step, total, warmup, min_ratio, gamma, every, milestones: _warmup(step, warmup) * (
         min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * _progress(step, warmup, total)))),
-    "linear": lambda step, total, warmup, min_ratio, gamma, every: _warmup(step, warmup) * (
+    "linear": lambda step, total, warmup, min_ratio, gamma, every, milestones: _warmup(step, warmup) * (
         1 - (1 - min_ratio) * _progress(step, warmup, total)),
-    "exponential": lambda step, total, warmup, min_ratio, gamma, every: _warmup(step, warmup) * (
+    "exponential": lambda step, total, warmup, min_ratio, gamma, every, milestones: _warmup(step, warmup) * (
         gamma ** (max(0, step - warmup) // every)),
+    "step": lambda step, total, warmup, min_ratio, gamma, every, milestones: _warmup(step, warmup) * _milestones(
+        step, warmup, gamma, milestones),
+    "plateau": None,  # driven by a logged metric: see Plateau
 }
 
 
-def lr_multiplier(name, step, total_steps, warmup_steps=0, min_ratio=0.0, gamma=0.999, decay_every=1000):
-    """The factor applied to the peak learning rate at optimizer step `step` (0-based)."""
-    return SCHEDULERS[name](step, total_steps, warmup_steps, min_ratio, gamma, decay_every)
+def lr_multiplier(name, step, total_steps, warmup_steps=0, min_ratio=0.0, gamma=0.999, decay_every=1000,
+                  milestones=()):
+    """The factor applied to the peak learning rate at optimizer step `step` (0-based), for the schedules that are
+    functions of the step alone."""
+    return SCHEDULERS[name](step, total_steps, warmup_steps, min_ratio, gamma, decay_every, tuple(milestones))
 
 
-def build_scheduler(optimizer, name, total_steps, *, warmup_steps=0, min_ratio=0.0, gamma=0.999, decay_every=1000):
+def build_scheduler(optimizer, name, total_steps, *, warmup_steps=0, min_ratio=0.0, gamma=0.999, decay_every=1000,
+                    milestones=(), plateau_metric="loss/total", plateau_patience=10, plateau_factor=0.5):
     if name not in SCHEDULERS:
         raise ValueError(f"unknown lr scheduler '{name}' (choose from {', '.join(sorted(SCHEDULERS))})")
+    if name == "plateau":
+        return torch.optim.lr_scheduler.LambdaLR(
+            optimizer, Plateau(warmup_steps, plateau_metric, plateau_patience, plateau_factor, min_ratio))
 
     def multiplier(step):  # a plain function, so LambdaLR's state_dict never pickles the schedule
-        return lr_multiplier(name, step, total_steps, warmup_steps, min_ratio, gamma, decay_every)
+        return lr_multiplier(name, step, total_steps, warmup_steps, min_ratio, gamma, decay_every, milestones)
 
     return torch.optim.lr_scheduler.LambdaLR(optimizer, multiplier)

@@ -3,7 +3,8 @@ import math
 import pytest
 import torch
 
-from common.optim import OPTIMIZERS, Muon, build_optimizer, build_scheduler, lr_multiplier, muon_param_groups
+from common.optim import (OPTIMIZER_EXTRA_ARGS, OPTIMIZERS, Lion, Muon, build_optimizer, build_scheduler, lr_multiplier,
+                          muon_param_groups, observe_plateau)
 
 
 def small_net():
@@ -97,3 +98,71 @@ def test_scheduler_drives_the_optimizer_and_saves_no_function():
     assert lrs[0] == pytest.approx(1e-3) and lrs[-1] == pytest.approx(0.0, abs=1e-12)
     state = sched.state_dict()
     assert state["lr_lambdas"] == [None] and state["last_epoch"] == 10
+
+
+def test_step_schedule_multiplies_at_each_milestone():
+    lrs = [lr_multiplier("step", s, 100, 0, gamma=0.5, milestones=(10, 20)) for s in (0, 9, 10, 19, 20, 99)]
+    assert lrs == [1.0, 1.0, 0.5, 0.5, 0.25, 0.25]
+
+
+def test_plateau_drops_after_patience_logs_without_improvement_and_resumes_from_its_state(tmp_path):
+    opt = build_optimizer("adamw", small_net().parameters(), lr=1.0)
+    sched = build_scheduler(opt, "plateau", 100, warmup_steps=2, min_ratio=0.2, plateau_metric="loss/total",
+                            plateau_patience=2, plateau_factor=0.5)
+    seen = []
+    for value in (1.0, 0.5, 0.5, 0.49999, 0.6, 0.7, 0.1, 0.2, 0.2, 0.3, 0.3, 0.4, 0.4):
+        opt.step()
+        sched.step()
+        observe_plateau(sched, {"loss/total": value, "loss/other": 9.0})
+        seen.append(opt.param_groups[0]["lr"])
+    # warm-up to 1.0 over 2 steps; two logs without a real improvement (0.49999 is within 0.01% of 0.5) halve it
+    # from the next step on
+    assert seen[:7] == [1.0, 1.0, 1.0, 1.0, 0.5, 0.5, 0.25]
+    assert seen[-1] == pytest.approx(0.2)  # halved twice more, then held at the floor
+    torch.save(sched.state_dict(), tmp_path / "sched.pt")
+    opt2 = build_optimizer("adamw", small_net().parameters(), lr=1.0)
+    sched2 = build_scheduler(opt2, "plateau", 100, warmup_steps=2, min_ratio=0.2, plateau_metric="loss/total",
+                             plateau_patience=2, plateau_factor=0.5)
+    sched2.load_state_dict(torch.load(tmp_path / "sched.pt", weights_only=True))
+    assert vars(sched2.lr_lambdas[0]) == vars(sched.lr_lambdas[0])
+    opt2.step(), sched2.step()
+    assert opt2.param_groups[0]["lr"] == pytest.approx(0.2)
+
+
+def test_optimizer_keyword_arguments_reach_the_optimizer_and_unknown_ones_are_named():
+    opt = build_optimizer("sgd", small_net().parameters(), lr=0.1, betas=(0.9, 0.999),
+                          extra={"dampening": 0.25, "nesterov": False})
+    assert opt.param_groups[0]["dampening"] == 0.25 and opt.param_groups[0]["nesterov"] is False
+    opt = build_optimizer("adamw", small_net().parameters(), lr=0.1, extra={"amsgrad": True, "fused": False})
+    assert opt.param_groups[0]["amsgrad"] and not opt.param_groups[0]["fused"]
+    assert build_optimizer("muon", small_net().parameters(), lr=0.1, extra={"ns_steps": 3}).param_groups[0][
+        "ns_steps"] == 3
+    with pytest.raises(ValueError, match="lion takes no argument momentum"):
+        build_optimizer("lion", small_net().parameters(), lr=0.1, extra={"momentum": 0.9})
+
+
+def test_every_optimizers_listed_arguments_are_accepted():
+    for name, keys in OPTIMIZER_EXTRA_ARGS.items():
+        if name == "adamw8bit":
+            continue  # bitsandbytes' own signature
+        import inspect
+
+        cls = {"adamw": torch.optim.AdamW, "adam": torch.optim.Adam, "lion": Lion, "muon": Muon,
+               "sgd": torch.optim.SGD, "rmsprop": torch.optim.RMSprop}[name]
+        assert set(keys) <= set(inspect.signature(cls).parameters), name
+
+
+def test_a_script_halves_the_learning_rate_on_a_plateau_down_to_its_floor(tmp_path):
+    """train/epoch never falls, so with patience 1 every log after the first is a plateau."""
+    from helpers import run
+    from scripts import SCRIPTS
+
+    from common.training import read_metrics
+
+    spec = next(s for s in SCRIPTS if s.name == "rvq")
+    out = tmp_path / "out"
+    run(spec.script, *spec.make_data(tmp_path / "data"), "--output_dir", out, *spec.tiny, "--train_batch_size", "4",
+        "--max_train_steps", "7", "--lr_warmup_steps", "0", "--lr_scheduler", "plateau", "--lr_plateau_metric",
+        "train/epoch", "--lr_plateau_patience", "1", "--lr_min_ratio", "0.1", "--optimizer_args", "amsgrad=true")
+    lrs = [m["lr/model"] for m in read_metrics(out / "metrics.jsonl") if "lr/model" in m]
+    assert lrs == pytest.approx([3e-3, 3e-3, 1.5e-3, 7.5e-4, 3.75e-4, 3e-4, 3e-4])
