@@ -16,7 +16,6 @@ import argparse
 import copy
 import dataclasses
 import json
-import logging
 import math
 import os
 from contextlib import nullcontext
@@ -25,16 +24,15 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from accelerate import Accelerator
 from accelerate.logging import get_logger
-from accelerate.utils import ProjectConfiguration, set_seed
+from accelerate.utils import set_seed
 from diffusers import AutoencoderKL
 from tqdm.auto import tqdm
 
 from common.args import (ArgumentParser, add_ema_args, add_optimizer_args, add_run_args, non_negative_float,
                          non_negative_int, optimizer_kwargs, parse_args_with_config, positive_int)
-from common.checkpoint import (Checkpoint, CheckpointError, commit_checkpoint, load_models, refuse_non_finite,
-                               resolve_resume, restore_ema, restore_training_parts, save_training_parts,
+from common.checkpoint import (Checkpoint, CheckpointError, commit_checkpoint, load_models, open_resume,
+                               refuse_non_finite, restore_ema, restore_training_parts, save_training_parts,
                                start_checkpoint, training_state)
 from common.data import (IMAGE_EXTENSIONS, CorruptSampleTracker, FileImages, HFImages, ImageDataset,
                          ResumableBatchSampler, collate, find_files, has_any_file, infinite_batches, split_holdout)
@@ -46,9 +44,9 @@ from common.media import image_grid, log_images
 from common.metrics import psnr, ssim
 from common.optim import build_optimizer, build_scheduler
 from common.perf import FlopCount, Throughput, peak_bf16_flops
-from common.training import (GracefulStop, MetricsAccumulator, MetricsFile, SkipGuard, Watchdog, clip_and_step,
-                             configure_torch, frozen, init_trackers, log_changed_settings, new_run_id,
-                             process_group_kwargs, report_to, write_run_info)
+from common.training import (GracefulStop, MetricsAccumulator, MetricsFile, SkipGuard, Watchdog, bf16_if_supported,
+                             clip_and_step, frozen, init_trackers, log_changed_settings, new_run_id, setup_accelerator,
+                             write_run_info)
 
 logger = get_logger(__name__)
 
@@ -496,22 +494,9 @@ def _jsonable(v):
 def main(args):
     if args.export_checkpoint:
         return export_from_checkpoint(args)
-    mixed_precision = args.mixed_precision or (
-        "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "no")
-    accelerator = Accelerator(
-        gradient_accumulation_steps=args.gradient_accumulation_steps, mixed_precision=mixed_precision,
-        log_with=report_to(args.report_to), kwargs_handlers=process_group_kwargs(args.stall_timeout),
-        project_config=ProjectConfiguration(project_dir=args.output_dir, logging_dir=str(Path(args.output_dir, "logs"))))
-    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
-    configure_torch(args.allow_tf32)
+    accelerator = setup_accelerator(args, args.mixed_precision or bf16_if_supported())
     stop, watchdog = GracefulStop(), Watchdog(args.stall_timeout)
-    try:
-        resume = resolve_resume(args.resume_from_checkpoint, args.output_dir)
-        ckpt = Checkpoint(resume) if resume else None
-    except CheckpointError as err:
-        raise SystemExit(str(err)) from None
-    if args.resume_from_checkpoint == "latest" and ckpt is None:
-        logger.info(f"no checkpoint in {args.output_dir}: starting a new run")
+    ckpt = open_resume(accelerator, args.resume_from_checkpoint, args.output_dir)
     set_seed(args.seed)  # identical initial weights on every process
     device = accelerator.device
     memory_format = torch.channels_last if args.channels_last else torch.contiguous_format

@@ -19,7 +19,6 @@ import copy
 import dataclasses
 import glob
 import json
-import logging
 import math
 import os
 import shutil
@@ -31,9 +30,8 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from accelerate import Accelerator
 from accelerate.logging import get_logger
-from accelerate.utils import ProjectConfiguration, set_seed
+from accelerate.utils import set_seed
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
@@ -42,15 +40,15 @@ from common.args import (ArgumentParser, add_ema_args, add_optimizer_args, add_r
                          non_negative_float, non_negative_int, optimizer_kwargs, parse_args_with_config,
                          positive_float, positive_int)
 from common.checkpoint import (Checkpoint, CheckpointError, checkpoint_dirs, commit_checkpoint, load_models,
-                               refuse_non_finite, resolve_resume, restore_ema, restore_training_parts,
+                               open_resume, refuse_non_finite, restore_ema, restore_training_parts,
                                save_training_parts, start_checkpoint, training_state)
 from common.data import CorruptSample, CorruptSampleTracker, ResumableBatchSampler, infinite_batches, split_holdout
 from common.ema import EMA
 from common.optim import build_optimizer, build_scheduler
 from common.perf import FlopCount, Throughput, peak_bf16_flops
-from common.training import (GracefulStop, MetricsAccumulator, MetricsFile, SkipGuard, Watchdog, configure_torch,
-                             init_trackers, log_changed_settings, new_run_id, process_group_kwargs, read_metrics,
-                             report_to, write_run_info)
+from common.training import (GracefulStop, MetricsAccumulator, MetricsFile, SkipGuard, Watchdog, bf16_if_supported,
+                             init_trackers, log_changed_settings, new_run_id, read_metrics, setup_accelerator,
+                             write_run_info)
 
 logger = get_logger(__name__)
 
@@ -807,20 +805,9 @@ def restore_architecture(ckpt, args):
 
 
 def main(args):
-    mixed_precision = args.mixed_precision or (
-        "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "no")
-    accelerator = Accelerator(
-        gradient_accumulation_steps=args.gradient_accumulation_steps, mixed_precision=mixed_precision,
-        log_with=report_to(args.report_to), kwargs_handlers=process_group_kwargs(args.stall_timeout),
-        project_config=ProjectConfiguration(project_dir=args.output_dir, logging_dir=str(Path(args.output_dir, "logs"))))
-    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
-    configure_torch(args.allow_tf32)
+    accelerator = setup_accelerator(args, args.mixed_precision or bf16_if_supported())
     stop, watchdog = GracefulStop(), Watchdog(args.stall_timeout)
-    try:
-        resume = resolve_resume(args.resume_from_checkpoint, args.output_dir)
-        ckpt = Checkpoint(resume) if resume else None
-    except CheckpointError as err:
-        raise SystemExit(str(err)) from None
+    ckpt = open_resume(accelerator, args.resume_from_checkpoint, args.output_dir)
     set_seed(args.seed)
     device = accelerator.device
 
@@ -905,8 +892,6 @@ def main(args):
         state = {"best_val": None, **load_checkpoint(ckpt, accelerator, args, plain, optimizer, scheduler, ema,
                                                       guard, outlier)}
         logger.info(f"resumed from {ckpt.path} at step {ckpt.step}")
-    elif args.resume_from_checkpoint == "latest":
-        logger.info(f"no checkpoint in {args.output_dir}: starting a new run")
     global_step = ckpt.step if ckpt is not None else 0
     init_trackers(accelerator, args.tracker_project_name or "train_rvq", vars(args), state["run_id"], args.output_dir)
     write_run_info(args.output_dir, args, accelerator, __file__)

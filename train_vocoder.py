@@ -18,7 +18,6 @@ or, in Python, `common.vocoder.load_vocoder("out/vocoder")(mel)`. Export any che
 import argparse
 import copy
 import json
-import logging
 import math
 import os
 from contextlib import nullcontext
@@ -27,17 +26,16 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from accelerate import Accelerator
 from accelerate.logging import get_logger
-from accelerate.utils import ProjectConfiguration, set_seed
+from accelerate.utils import set_seed
 from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
 from common.args import (ArgumentParser, add_ema_args, add_optimizer_args, add_run_args, fraction, non_negative_float,
                          non_negative_int, optimizer_kwargs, parse_args_with_config, positive_float, positive_int)
 from common.audio import AUDIO_EXTENSIONS, AudioSegments, load_audio, save_audio
-from common.checkpoint import (Checkpoint, CheckpointError, commit_checkpoint, load_models, refuse_non_finite,
-                               resolve_resume, restore_ema, restore_training_parts, save_training_parts,
+from common.checkpoint import (Checkpoint, CheckpointError, commit_checkpoint, load_models, open_resume,
+                               refuse_non_finite, restore_ema, restore_training_parts, save_training_parts,
                                start_checkpoint, training_state)
 from common.data import (CorruptSample, CorruptSampleTracker, ResumableBatchSampler, collate, find_files,
                          has_any_file, infinite_batches, split_holdout)
@@ -51,8 +49,8 @@ from common.perf import FlopCount, Throughput, peak_bf16_flops
 from common.spectral import (LOG_KINDS, MelConfig, MelSpectrogram, MultiResolutionSTFTLoss, MultiScaleMelLoss,
                              stft_phase_losses)
 from common.training import (GracefulStop, MetricsAccumulator, MetricsFile, SkipGuard, Watchdog, clip_and_step,
-                             configure_torch, frozen, init_trackers, log_changed_settings, new_run_id,
-                             process_group_kwargs, report_to, write_run_info)
+                             frozen, init_trackers, log_changed_settings, new_run_id, setup_accelerator,
+                             write_run_info)
 from common.vocoder import GENERATOR_PRESETS, build_generator, generator_config, save_vocoder
 
 logger = get_logger(__name__)
@@ -509,20 +507,9 @@ def main(args):
         return export_from_checkpoint(args)
     # fp32 (with TF32) by default: bf16 trained faster but worse on every metric, with audible artifacts, in the
     # vocoder notes the defaults come from (seed 002); --mixed_precision bf16 remains available.
-    accelerator = Accelerator(
-        gradient_accumulation_steps=args.gradient_accumulation_steps, mixed_precision=args.mixed_precision or "no",
-        log_with=report_to(args.report_to), kwargs_handlers=process_group_kwargs(args.stall_timeout),
-        project_config=ProjectConfiguration(project_dir=args.output_dir, logging_dir=str(Path(args.output_dir, "logs"))))
-    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
-    configure_torch(args.allow_tf32)
+    accelerator = setup_accelerator(args, args.mixed_precision or "no")
     stop, watchdog = GracefulStop(), Watchdog(args.stall_timeout)
-    try:
-        resume = resolve_resume(args.resume_from_checkpoint, args.output_dir)
-        ckpt = Checkpoint(resume) if resume else None
-    except CheckpointError as err:
-        raise SystemExit(str(err)) from None
-    if args.resume_from_checkpoint == "latest" and ckpt is None:
-        logger.info(f"no checkpoint in {args.output_dir}: starting a new run")
+    ckpt = open_resume(accelerator, args.resume_from_checkpoint, args.output_dir)
     set_seed(args.seed)  # identical initial weights on every process
     device = accelerator.device
     mel = mel_config(args)

@@ -69,6 +69,19 @@ def resolve_resume(resume_from_checkpoint, output_dir):
     return path
 
 
+def open_resume(accelerator, resume_from_checkpoint, output_dir):
+    """--resume_from_checkpoint opened and checked before anything is built, or None for a new run. A folder that
+    cannot be resumed from stops the run with one line saying why, rather than a traceback after minutes of setup."""
+    try:
+        resume = resolve_resume(resume_from_checkpoint, output_dir)
+        ckpt = Checkpoint(resume) if resume else None
+    except CheckpointError as err:
+        raise SystemExit(str(err)) from None
+    if resume_from_checkpoint == "latest" and ckpt is None and accelerator.is_main_process:
+        logger.info(f"no checkpoint in {output_dir}: starting a new run")
+    return ckpt
+
+
 class CheckpointWriter:
     """Collects the files of one checkpoint in a temporary folder, then publishes it atomically.
 
