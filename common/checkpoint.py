@@ -330,8 +330,8 @@ def load_models(ckpt, models, allow_model_change, files=None, config_changes=Non
             changed[name] += state_mismatches(model, tensors[name])
         else:
             changed[name].append(f"the checkpoint has no {file}")
-    label = (lambda name: f"{name}: ") if len(models) > 1 else (lambda name: "")
-    differences = [label(name) + d for name, ds in changed.items() for d in ds]
+    # With several models each difference says whose it is; a script's only model needs no name.
+    differences = [f"{name}: {d}" if len(models) > 1 else d for name, ds in changed.items() for d in ds]
     if differences and not allow_model_change:
         raise SystemExit(f"--resume_from_checkpoint {ckpt.path}: the model differs from the checkpoint's "
                          f"({'; '.join(differences[:4])}{'; ...' if len(differences) > 4 else ''}); pass "
