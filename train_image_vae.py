@@ -16,7 +16,6 @@ import argparse
 import copy
 import dataclasses
 import json
-import logging
 import math
 import os
 from contextlib import nullcontext
@@ -25,16 +24,16 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from accelerate import Accelerator
 from accelerate.logging import get_logger
-from accelerate.utils import ProjectConfiguration, set_seed
+from accelerate.utils import set_seed
 from diffusers import AutoencoderKL
 from tqdm.auto import tqdm
 
 from common.args import (ArgumentParser, add_ema_args, add_optimizer_args, add_run_args, non_negative_float,
                          non_negative_int, optimizer_kwargs, parse_args_with_config, positive_int)
-from common.checkpoint import (Checkpoint, CheckpointError, CheckpointWriter, load_matching, resolve_resume,
-                               state_mismatches)
+from common.checkpoint import (Checkpoint, CheckpointError, commit_checkpoint, load_models, open_resume,
+                               refuse_non_finite, restore_ema, restore_training_parts, save_training_parts,
+                               start_checkpoint, training_state)
 from common.data import (IMAGE_EXTENSIONS, CorruptSampleTracker, FileImages, HFImages, ImageDataset,
                          ResumableBatchSampler, collate, find_files, has_any_file, infinite_batches, split_holdout)
 from common.discriminators import IMAGE_DISCRIMINATORS, build_image_discriminator
@@ -46,9 +45,8 @@ from common.metrics import psnr, ssim
 from common.optim import build_optimizer, build_scheduler, observe_plateau
 from common.perf import FlopCount, Throughput, peak_bf16_flops
 from common.training import (GracefulStop, MetricsAccumulator, MetricsFile, SkipGuard, StopCondition, Watchdog,
-                             all_finite, clip_and_step, configure_torch, frozen, init_trackers,
-                             log_changed_settings, new_run_id, process_group_kwargs, report_to, rng_state,
-                             set_rng_state, write_run_info)
+                             bf16_if_supported, clip_and_step, frozen, init_trackers, log_changed_settings,
+                             new_run_id, setup_accelerator, write_run_info)
 
 logger = get_logger(__name__)
 
@@ -444,93 +442,37 @@ def export_from_checkpoint(args):
 
 
 def save_checkpoint(accelerator, args, step, state, models, optimizers, schedulers, ema, vae_config, guard, corrupt):
-    """Everything a resumed run needs, written atomically (see common/checkpoint.py)."""
-    for name, module in models.items():
-        if module is not None and not all_finite(list(module.parameters())):
-            raise SystemExit(f"stopping: the {name} weights hold non-finite values at step {step}; not "
-                             f"checkpointing them (the previous checkpoint is intact)")
-    writer = CheckpointWriter(args.output_dir, step)
-    if accelerator.is_main_process:
-        writer.start()
-    accelerator.wait_for_everyone()
-    writer.add_rank_object("rng_state", {"rng": rng_state(), "corrupt": corrupt.state_dict()},
-                           accelerator.process_index)
+    """Everything a resumed run needs, written atomically (see common/checkpoint.py): the VAE and discriminator
+    weights, the VAE's diffusers config, and the training parts every script saves."""
+    refuse_non_finite(step, models)
+    writer = start_checkpoint(accelerator, args.output_dir, step)
+    save_training_parts(writer, accelerator, optimizers, schedulers, ema, per_process={"corrupt": corrupt})
     if accelerator.is_main_process:
         writer.add_tensors("vae", models["vae"].state_dict())
         if models["disc"] is not None:
             writer.add_tensors("discriminator", models["disc"].state_dict())
-        if ema is not None:
-            writer.add_tensors("ema", ema.shadow)
-        for name, opt in optimizers.items():
-            writer.add_object(f"optimizer_{name}", opt.state_dict())
-        for name, sched in schedulers.items():
-            writer.add_object(f"scheduler_{name}", sched.state_dict())
-        if accelerator.scaler is not None:
-            writer.add_object("scaler", accelerator.scaler.state_dict())
         writer.add_json("vae_config", dict(vae_config))
-        writer.add_json("training_state", {
-            **state, "step": step, "ema_updates": ema.num_updates if ema else 0, "skips": guard.state_dict(),
-            "num_processes": accelerator.num_processes, "args": vars(args)})
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        path = writer.commit(args.checkpoints_total_limit)
-        logger.info(f"saved {path}")
-    accelerator.wait_for_everyone()
+        writer.add_json("training_state", training_state(accelerator, args, step, state, ema, guard))
+    commit_checkpoint(writer, accelerator, args.checkpoints_total_limit)
 
 
 def load_checkpoint(ckpt, accelerator, args, models, optimizers, schedulers, ema, vae_config, guard, corrupt):
     """Restore a checkpoint into freshly built objects; returns the saved training state.
 
-    A model whose architecture differs from the checkpoint's is refused, unless --allow_model_change: then its
-    tensors that still fit are loaded, the rest start fresh, and its optimizer state (and the EMA) start afresh.
+    A model whose architecture (its diffusers config or its tensors) differs from the checkpoint's is refused,
+    unless --allow_model_change: then its tensors that still fit are loaded, the rest start fresh, and its
+    optimizer state (and the EMA) start afresh. The latent scaling factors are measured at export, not trained.
     """
     state = ckpt.json("training_state")
     saved_config = ckpt.json("vae_config")
-    changed = {"vae": [f"config {k}" for k in sorted(set(saved_config) | set(vae_config))
-                       if not k.startswith("_") and k not in ("scaling_factor", "shift_factor")
-                       and _jsonable(saved_config.get(k)) != _jsonable(vae_config.get(k))], "disc": []}
-    tensors = {"vae": ckpt.tensors("vae")}
-    changed["vae"] += state_mismatches(models["vae"], tensors["vae"])
-    if models["disc"] is not None:
-        if ckpt.has("discriminator"):
-            tensors["disc"] = ckpt.tensors("discriminator")
-            changed["disc"] += state_mismatches(models["disc"], tensors["disc"])
-        else:
-            changed["disc"].append("the checkpoint has no discriminator")
-    differences = [f"{name}: {d}" for name, ds in changed.items() for d in ds]
-    if differences and not args.allow_model_change:
-        raise SystemExit(f"--resume_from_checkpoint {ckpt.path}: the model differs from the checkpoint's "
-                         f"({'; '.join(differences[:4])}{'; ...' if len(differences) > 4 else ''}); pass "
-                         f"--allow_model_change to start from the weights that still fit")
-    for name, model in models.items():
-        if model is None:
-            continue
-        if changed[name]:
-            fresh = load_matching(model, tensors.get(name, {}))
-            logger.warning(f"--allow_model_change: {name} loads the tensors that fit; {len(fresh)} start fresh "
-                           f"({', '.join(fresh[:5])}{', ...' if len(fresh) > 5 else ''}); its optimizer starts afresh")
-        else:
-            model.load_state_dict(tensors[name])
-            optimizers[name].load_state_dict(ckpt.object(f"optimizer_{name}"))
-    if ema is not None:
-        if changed["vae"] or not ckpt.has("ema"):
-            ema.reset(models["vae"])
-        else:
-            ema.load_state_dict({"shadow": ckpt.tensors("ema", accelerator.device),
-                                 "num_updates": state["ema_updates"]})
-    for name, sched in schedulers.items():  # the schedules continue from the saved step either way
-        if ckpt.has(f"scheduler_{name}"):
-            sched.load_state_dict(ckpt.object(f"scheduler_{name}"))
-    if accelerator.scaler is not None and ckpt.has("scaler"):
-        accelerator.scaler.load_state_dict(ckpt.object("scaler"))
-    guard.load_state_dict(state["skips"])
-    mine = ckpt.rank_object("rng_state", accelerator.process_index)
-    if mine is None:
-        logger.warning(f"{ckpt.path} was written by fewer processes: process {accelerator.process_index} starts "
-                       f"with fresh random state", main_process_only=False)
-    else:
-        set_rng_state(mine["rng"])
-        corrupt.load_state_dict(mine["corrupt"])
+    config_changes = [f"config {k}" for k in sorted(set(saved_config) | set(vae_config))
+                      if not k.startswith("_") and k not in ("scaling_factor", "shift_factor")
+                      and _jsonable(saved_config.get(k)) != _jsonable(vae_config.get(k))]
+    changed = load_models(ckpt, models, args.allow_model_change, files={"disc": "discriminator"},
+                          config_changes={"vae": config_changes})
+    restore_training_parts(ckpt, accelerator, state, optimizers, schedulers, guard, per_process={"corrupt": corrupt},
+                           changed=changed)
+    restore_ema(ckpt, ema, models["vae"], state, changed="vae" in changed)
     log_changed_settings(state["args"], args, SCHEDULE_FLAGS, state.get("num_processes"), accelerator.num_processes)
     return state
 
@@ -552,22 +494,9 @@ def _jsonable(v):
 def main(args):
     if args.export_checkpoint:
         return export_from_checkpoint(args)
-    mixed_precision = args.mixed_precision or (
-        "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "no")
-    accelerator = Accelerator(
-        gradient_accumulation_steps=args.gradient_accumulation_steps, mixed_precision=mixed_precision,
-        log_with=report_to(args.report_to), kwargs_handlers=process_group_kwargs(args.stall_timeout),
-        project_config=ProjectConfiguration(project_dir=args.output_dir, logging_dir=str(Path(args.output_dir, "logs"))))
-    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
-    configure_torch(args.allow_tf32)
+    accelerator = setup_accelerator(args, args.mixed_precision or bf16_if_supported())
     stop, watchdog = GracefulStop(), Watchdog(args.stall_timeout)
-    try:
-        resume = resolve_resume(args.resume_from_checkpoint, args.output_dir)
-        ckpt = Checkpoint(resume) if resume else None
-    except CheckpointError as err:
-        raise SystemExit(str(err)) from None
-    if args.resume_from_checkpoint == "latest" and ckpt is None:
-        logger.info(f"no checkpoint in {args.output_dir}: starting a new run")
+    ckpt = open_resume(accelerator, args.resume_from_checkpoint, args.output_dir)
     set_seed(args.seed)  # identical initial weights on every process
     device = accelerator.device
     memory_format = torch.channels_last if args.channels_last else torch.contiguous_format

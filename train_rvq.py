@@ -19,7 +19,6 @@ import copy
 import dataclasses
 import glob
 import json
-import logging
 import math
 import os
 import shutil
@@ -31,9 +30,8 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from accelerate import Accelerator
 from accelerate.logging import get_logger
-from accelerate.utils import ProjectConfiguration, set_seed
+from accelerate.utils import set_seed
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
@@ -41,16 +39,16 @@ from tqdm.auto import tqdm
 from common.args import (ArgumentParser, add_ema_args, add_optimizer_args, add_run_args, fraction,
                          non_negative_float, non_negative_int, optimizer_kwargs, parse_args_with_config,
                          positive_float, positive_int)
-from common.checkpoint import (Checkpoint, CheckpointError, CheckpointWriter, checkpoint_dirs, load_matching,
-                               resolve_resume, state_mismatches)
+from common.checkpoint import (Checkpoint, CheckpointError, checkpoint_dirs, commit_checkpoint, load_models,
+                               open_resume, refuse_non_finite, restore_ema, restore_training_parts,
+                               save_training_parts, start_checkpoint, training_state)
 from common.data import CorruptSample, CorruptSampleTracker, ResumableBatchSampler, infinite_batches, split_holdout
 from common.ema import EMA
 from common.optim import build_optimizer, build_scheduler, observe_plateau
 from common.perf import FlopCount, Throughput, peak_bf16_flops
 from common.training import (GracefulStop, MetricsAccumulator, MetricsFile, SkipGuard, StopCondition, Watchdog,
-                             all_finite, configure_torch, init_trackers, log_changed_settings, new_run_id,
-                             process_group_kwargs, read_metrics, report_to, rng_state, set_rng_state,
-                             write_run_info)
+                             bf16_if_supported, init_trackers, log_changed_settings, new_run_id, read_metrics,
+                             setup_accelerator, write_run_info)
 
 logger = get_logger(__name__)
 
@@ -729,33 +727,19 @@ def load_export(folder, device="cpu"):
 
 
 def save_checkpoint(accelerator, args, step, state, model, optimizer, scheduler, ema, cfg, guard, outlier):
-    if not all_finite(list(model.parameters())) or (ema is not None and not all_finite(list(ema.shadow.values()))):
-        raise SystemExit(f"stopping: the model holds non-finite weights at step {step}; not checkpointing them "
-                         f"(the previous checkpoint is intact; `train_rvq.py doctor {args.output_dir}` shows it)")
-    writer = CheckpointWriter(args.output_dir, step)
-    if accelerator.is_main_process:
-        writer.start()
-    accelerator.wait_for_everyone()
-    writer.add_rank_object("rng_state", {"rng": rng_state()}, accelerator.process_index)
+    """Everything a resumed run needs, written atomically (see common/checkpoint.py): the model's weights and
+    architecture, the outlier guard's running loss, and the training parts every script saves. Returns the
+    checkpoint's folder on the main process (to archive it), None elsewhere."""
+    refuse_non_finite(step, {"model": model, "EMA": ema.shadow if ema is not None else None},
+                      hint=f"; `train_rvq.py doctor {args.output_dir}` shows it")
+    writer = start_checkpoint(accelerator, args.output_dir, step)
+    save_training_parts(writer, accelerator, {"model": optimizer}, {"model": scheduler}, ema)
     if accelerator.is_main_process:
         writer.add_tensors("model", model.state_dict())
-        if ema is not None:
-            writer.add_tensors("ema", ema.shadow)
-        writer.add_object("optimizer_model", optimizer.state_dict())
-        writer.add_object("scheduler_model", scheduler.state_dict())
-        if accelerator.scaler is not None:
-            writer.add_object("scaler", accelerator.scaler.state_dict())
         writer.add_json("model_config", dataclasses.asdict(cfg))
-        writer.add_json("training_state", {
-            **state, "step": step, "ema_updates": ema.num_updates if ema else 0, "skips": guard.state_dict(),
-            "outlier": outlier.state_dict(), "num_processes": accelerator.num_processes, "args": vars(args)})
-    accelerator.wait_for_everyone()
-    path = None
-    if accelerator.is_main_process:
-        path = writer.commit(args.checkpoints_total_limit)
-        logger.info(f"saved {path}")
-    accelerator.wait_for_everyone()
-    return path
+        writer.add_json("training_state", training_state(accelerator, args, step, state, ema, guard,
+                                                         outlier=outlier.state_dict()))
+    return commit_checkpoint(writer, accelerator, args.checkpoints_total_limit)
 
 
 def archive_checkpoint(path, output_dir, keep):
@@ -779,27 +763,10 @@ def load_checkpoint(ckpt, accelerator, args, model, optimizer, scheduler, ema, g
     """Restore a checkpoint into the built objects; returns the saved training state. A model whose shape differs
     (possible only with --ignore_arch) is refused unless --allow_model_change."""
     state = ckpt.json("training_state")
-    tensors = ckpt.tensors("model")
-    changed = state_mismatches(model, tensors)
-    if changed and not args.allow_model_change:
-        raise SystemExit(f"--resume_from_checkpoint {ckpt.path}: the model differs from the checkpoint's "
-                         f"({'; '.join(changed[:4])}{'; ...' if len(changed) > 4 else ''}); pass "
-                         f"--allow_model_change to start from the weights that still fit")
-    if changed:
-        fresh = load_matching(model, tensors)
-        logger.warning(f"--allow_model_change: the model loads the tensors that fit; {len(fresh)} start fresh "
-                       f"({', '.join(fresh[:5])}{', ...' if len(fresh) > 5 else ''}); its optimizer starts afresh")
-        if ema is not None:
-            ema.reset(model)
-    else:
-        model.load_state_dict(tensors)
-        optimizer.load_state_dict(ckpt.object("optimizer_model"))
-        if ema is not None:
-            ema.load_state_dict({"shadow": ckpt.tensors("ema", accelerator.device), "num_updates": state["ema_updates"]})
-    scheduler.load_state_dict(ckpt.object("scheduler_model"))
-    if accelerator.scaler is not None and ckpt.has("scaler"):
-        accelerator.scaler.load_state_dict(ckpt.object("scaler"))
-    guard.load_state_dict(state["skips"])
+    changed = load_models(ckpt, {"model": model}, args.allow_model_change)
+    restore_training_parts(ckpt, accelerator, state, {"model": optimizer}, {"model": scheduler}, guard,
+                           changed=changed)
+    restore_ema(ckpt, ema, model, state, changed="model" in changed)
     saved = state["args"]
     if (saved["ctx"], saved["step"]) != (args.ctx, args.step):
         # The curriculum the seed asks for (ctx 512, then 1024): windows change, so the epoch restarts and the
@@ -810,12 +777,6 @@ def load_checkpoint(ckpt, accelerator, args, model, optimizer, scheduler, ema, g
         state["samples_in_epoch"] = 0
     else:
         outlier.load_state_dict(state["outlier"])
-    mine = ckpt.rank_object("rng_state", accelerator.process_index)
-    if mine is None:
-        logger.warning(f"{ckpt.path} was written by fewer processes: process {accelerator.process_index} starts "
-                       f"with fresh random state", main_process_only=False)
-    else:
-        set_rng_state(mine["rng"])
     log_changed_settings(saved, args, SCHEDULE_FLAGS, state.get("num_processes"), accelerator.num_processes)
     return state
 
@@ -844,20 +805,9 @@ def restore_architecture(ckpt, args):
 
 
 def main(args):
-    mixed_precision = args.mixed_precision or (
-        "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "no")
-    accelerator = Accelerator(
-        gradient_accumulation_steps=args.gradient_accumulation_steps, mixed_precision=mixed_precision,
-        log_with=report_to(args.report_to), kwargs_handlers=process_group_kwargs(args.stall_timeout),
-        project_config=ProjectConfiguration(project_dir=args.output_dir, logging_dir=str(Path(args.output_dir, "logs"))))
-    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
-    configure_torch(args.allow_tf32)
+    accelerator = setup_accelerator(args, args.mixed_precision or bf16_if_supported())
     stop, watchdog = GracefulStop(), Watchdog(args.stall_timeout)
-    try:
-        resume = resolve_resume(args.resume_from_checkpoint, args.output_dir)
-        ckpt = Checkpoint(resume) if resume else None
-    except CheckpointError as err:
-        raise SystemExit(str(err)) from None
+    ckpt = open_resume(accelerator, args.resume_from_checkpoint, args.output_dir)
     set_seed(args.seed)
     device = accelerator.device
 
@@ -942,8 +892,6 @@ def main(args):
         state = {"best_val": None, **load_checkpoint(ckpt, accelerator, args, plain, optimizer, scheduler, ema,
                                                       guard, outlier)}
         logger.info(f"resumed from {ckpt.path} at step {ckpt.step}")
-    elif args.resume_from_checkpoint == "latest":
-        logger.info(f"no checkpoint in {args.output_dir}: starting a new run")
     global_step = ckpt.step if ckpt is not None else 0
     stop_when = StopCondition(args.stop_when, args.stop_when_logs)
     stop_when.load_state_dict(state.get("stop_when"))

@@ -18,7 +18,6 @@ or, in Python, `common.vocoder.load_vocoder("out/vocoder")(mel)`. Export any che
 import argparse
 import copy
 import json
-import logging
 import math
 import os
 from contextlib import nullcontext
@@ -27,17 +26,17 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from accelerate import Accelerator
 from accelerate.logging import get_logger
-from accelerate.utils import ProjectConfiguration, set_seed
+from accelerate.utils import set_seed
 from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
 from common.args import (ArgumentParser, add_ema_args, add_optimizer_args, add_run_args, fraction, non_negative_float,
                          non_negative_int, optimizer_kwargs, parse_args_with_config, positive_float, positive_int)
 from common.audio import AUDIO_EXTENSIONS, AudioSegments, load_audio, save_audio
-from common.checkpoint import (Checkpoint, CheckpointError, CheckpointWriter, load_matching, resolve_resume,
-                               state_mismatches)
+from common.checkpoint import (Checkpoint, CheckpointError, commit_checkpoint, load_models, open_resume,
+                               refuse_non_finite, restore_ema, restore_training_parts, save_training_parts,
+                               start_checkpoint, training_state)
 from common.data import (CorruptSample, CorruptSampleTracker, ResumableBatchSampler, collate, find_files,
                          has_any_file, infinite_batches, split_holdout)
 from common.discriminators import AUDIO_DISCRIMINATORS, build_audio_discriminator
@@ -50,9 +49,8 @@ from common.perf import FlopCount, Throughput, peak_bf16_flops
 from common.spectral import (LOG_KINDS, MelConfig, MelSpectrogram, MultiResolutionSTFTLoss, MultiScaleMelLoss,
                              stft_phase_losses)
 from common.training import (GracefulStop, MetricsAccumulator, MetricsFile, SkipGuard, StopCondition, Watchdog,
-                             all_finite, clip_and_step_all, configure_torch, frozen, init_trackers,
-                             log_changed_settings, new_run_id, process_group_kwargs, report_to, rng_state,
-                             set_rng_state, write_run_info)
+                             clip_and_step_all, frozen, init_trackers, log_changed_settings, new_run_id,
+                             setup_accelerator, write_run_info)
 from common.vocoder import GENERATOR_PRESETS, build_generator, generator_config, save_vocoder
 
 logger = get_logger(__name__)
@@ -465,38 +463,18 @@ def export_from_checkpoint(args):
 
 
 def save_checkpoint(accelerator, args, step, state, models, optimizers, schedulers, ema, model_config, guard, corrupt):
-    """Everything a resumed run needs, written atomically (see common/checkpoint.py)."""
-    for name, module in models.items():
-        if module is not None and not all_finite(list(module.parameters())):
-            raise SystemExit(f"stopping: the {name} weights hold non-finite values at step {step}; not "
-                             f"checkpointing them (the previous checkpoint is intact)")
-    writer = CheckpointWriter(args.output_dir, step)
-    if accelerator.is_main_process:
-        writer.start()
-    accelerator.wait_for_everyone()
-    writer.add_rank_object("rng_state", {"rng": rng_state(), "corrupt": corrupt.state_dict()},
-                           accelerator.process_index)
+    """Everything a resumed run needs, written atomically (see common/checkpoint.py): the generator and
+    discriminator weights, the generator and mel configuration, and the training parts every script saves."""
+    refuse_non_finite(step, models)
+    writer = start_checkpoint(accelerator, args.output_dir, step)
+    save_training_parts(writer, accelerator, optimizers, schedulers, ema, per_process={"corrupt": corrupt})
     if accelerator.is_main_process:
         writer.add_tensors("generator", models["generator"].state_dict())
         if models["disc"] is not None:
             writer.add_tensors("discriminator", models["disc"].state_dict())
-        if ema is not None:
-            writer.add_tensors("ema", ema.shadow)
-        for name, opt in optimizers.items():
-            writer.add_object(f"optimizer_{name}", opt.state_dict())
-        for name, sched in schedulers.items():
-            writer.add_object(f"scheduler_{name}", sched.state_dict())
-        if accelerator.scaler is not None:
-            writer.add_object("scaler", accelerator.scaler.state_dict())
         writer.add_json("model_config", model_config)
-        writer.add_json("training_state", {
-            **state, "step": step, "ema_updates": ema.num_updates if ema else 0, "skips": guard.state_dict(),
-            "num_processes": accelerator.num_processes, "args": vars(args)})
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        path = writer.commit(args.checkpoints_total_limit)
-        logger.info(f"saved {path}")
-    accelerator.wait_for_everyone()
+        writer.add_json("training_state", training_state(accelerator, args, step, state, ema, guard))
+    commit_checkpoint(writer, accelerator, args.checkpoints_total_limit)
 
 
 def load_checkpoint(ckpt, accelerator, args, models, optimizers, schedulers, ema, model_config, guard, corrupt):
@@ -512,51 +490,14 @@ def load_checkpoint(ckpt, accelerator, args, models, optimizers, schedulers, ema
     if mel_changes:
         raise SystemExit(f"--resume_from_checkpoint {ckpt.path}: the mel settings differ from the checkpoint's "
                          f"({'; '.join(mel_changes)}); use the checkpoint's settings or start a new run")
-    changed = {"generator": [f"config {k}: {saved['generator'].get(k)} vs {model_config['generator'].get(k)}"
-                             for k in sorted(set(saved["generator"]) | set(model_config["generator"]))
-                             if saved["generator"].get(k) != model_config["generator"].get(k)], "disc": []}
-    tensors = {"generator": ckpt.tensors("generator")}
-    changed["generator"] += state_mismatches(models["generator"], tensors["generator"])
-    if models["disc"] is not None:
-        if ckpt.has("discriminator"):
-            tensors["disc"] = ckpt.tensors("discriminator")
-            changed["disc"] += state_mismatches(models["disc"], tensors["disc"])
-        else:
-            changed["disc"].append("the checkpoint has no discriminator")
-    differences = [f"{name}: {d}" for name, ds in changed.items() for d in ds]
-    if differences and not args.allow_model_change:
-        raise SystemExit(f"--resume_from_checkpoint {ckpt.path}: the model differs from the checkpoint's "
-                         f"({'; '.join(differences[:4])}{'; ...' if len(differences) > 4 else ''}); pass "
-                         f"--allow_model_change to start from the weights that still fit")
-    for name, model in models.items():
-        if model is None:
-            continue
-        if changed[name]:
-            fresh = load_matching(model, tensors.get(name, {}))
-            logger.warning(f"--allow_model_change: {name} loads the tensors that fit; {len(fresh)} start fresh "
-                           f"({', '.join(fresh[:5])}{', ...' if len(fresh) > 5 else ''}); its optimizer starts afresh")
-        else:
-            model.load_state_dict(tensors[name])
-            optimizers[name].load_state_dict(ckpt.object(f"optimizer_{name}"))
-    if ema is not None:
-        if changed["generator"] or not ckpt.has("ema"):
-            ema.reset(models["generator"])
-        else:
-            ema.load_state_dict({"shadow": ckpt.tensors("ema", accelerator.device),
-                                 "num_updates": state["ema_updates"]})
-    for name, sched in schedulers.items():
-        if ckpt.has(f"scheduler_{name}"):
-            sched.load_state_dict(ckpt.object(f"scheduler_{name}"))
-    if accelerator.scaler is not None and ckpt.has("scaler"):
-        accelerator.scaler.load_state_dict(ckpt.object("scaler"))
-    guard.load_state_dict(state["skips"])
-    mine = ckpt.rank_object("rng_state", accelerator.process_index)
-    if mine is None:
-        logger.warning(f"{ckpt.path} was written by fewer processes: process {accelerator.process_index} starts "
-                       f"with fresh random state", main_process_only=False)
-    else:
-        set_rng_state(mine["rng"])
-        corrupt.load_state_dict(mine["corrupt"])
+    config_changes = [f"config {k}: {saved['generator'].get(k)} vs {model_config['generator'].get(k)}"
+                      for k in sorted(set(saved["generator"]) | set(model_config["generator"]))
+                      if saved["generator"].get(k) != model_config["generator"].get(k)]
+    changed = load_models(ckpt, models, args.allow_model_change, files={"disc": "discriminator"},
+                          config_changes={"generator": config_changes})
+    restore_training_parts(ckpt, accelerator, state, optimizers, schedulers, guard, per_process={"corrupt": corrupt},
+                           changed=changed)
+    restore_ema(ckpt, ema, models["generator"], state, changed="generator" in changed)
     log_changed_settings(state["args"], args, SCHEDULE_FLAGS, state.get("num_processes"), accelerator.num_processes)
     return state
 
@@ -576,21 +517,10 @@ def main(args):
         return export_from_checkpoint(args)
     # fp32 (with TF32) by default: bf16 trained faster but worse on every metric, with audible artifacts, in the
     # vocoder notes the defaults come from (seed 002); --mixed_precision bf16 remains available.
-    accelerator = Accelerator(
-        gradient_accumulation_steps=args.gradient_accumulation_steps, mixed_precision=args.mixed_precision or "no",
-        log_with=report_to(args.report_to), kwargs_handlers=process_group_kwargs(args.stall_timeout),
-        project_config=ProjectConfiguration(project_dir=args.output_dir, logging_dir=str(Path(args.output_dir, "logs"))))
-    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
-    configure_torch(args.allow_tf32)
+    accelerator = setup_accelerator(args, args.mixed_precision or "no")
     torch.backends.cudnn.benchmark_limit = 0  # autotuning tries every algorithm, not 10: 5% more steps/s (README)
     stop, watchdog = GracefulStop(), Watchdog(args.stall_timeout)
-    try:
-        resume = resolve_resume(args.resume_from_checkpoint, args.output_dir)
-        ckpt = Checkpoint(resume) if resume else None
-    except CheckpointError as err:
-        raise SystemExit(str(err)) from None
-    if args.resume_from_checkpoint == "latest" and ckpt is None:
-        logger.info(f"no checkpoint in {args.output_dir}: starting a new run")
+    ckpt = open_resume(accelerator, args.resume_from_checkpoint, args.output_dir)
     set_seed(args.seed)  # identical initial weights on every process
     device = accelerator.device
     mel = mel_config(args)

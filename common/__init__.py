@@ -2,7 +2,7 @@
 
 audio          audio files in any format and rate, read as mono at the rate a model needs; training segments
 args           YAML --config feeding argparse defaults; shared flag groups; one-line errors
-checkpoint     atomic checkpoints with a manifest, retention, resume
+checkpoint     atomic checkpoints with a manifest, retention, resume; the steps of saving and resuming a run
 compare        `python -m common.compare RUN...`: final and best values of runs, one figure
 data           resumable sampling, image datasets, corrupt-sample skipping
 demo_data      the built-in demo data
@@ -14,6 +14,6 @@ metrics        PSNR, SSIM; SI-SDR, mel cepstral distortion, PESQ
 optim          optimizers and LR schedules by name (AdamW, 8-bit AdamW, Adam, Lion, Muon, SGD, RMSprop)
 perf           throughput, model-FLOPs utilisation, peak memory
 spectral       the mel configuration (a contract between audio models), log-mel on the GPU, spectral losses
-training       precision flags, RNG state, guarded optimizer steps, metric logging
+training       the Accelerator setup, precision flags, RNG state, guarded optimizer steps, metric logging
 vocoder        HiFi-GAN, BigVGAN and Vocos generators; the vocoder export, its loader and command line
 """

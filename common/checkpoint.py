@@ -7,9 +7,14 @@ Older checkpoints are deleted only after the new one is complete.
 
 Files: model weights as safetensors; optimizer/scheduler states with torch.save (read back with
 `weights_only=True`); the training state as JSON; RNG states, one file per process.
+
+The second half holds the parts of saving and resuming that every training script shares (the training state
+besides the models, and the decision to refuse or adapt a changed model); each script's `save_checkpoint` and
+`load_checkpoint` name its own models, model configuration and extra state and call these for the rest.
 """
 
 import json
+import logging
 import os
 import re
 import shutil
@@ -18,6 +23,10 @@ from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
+
+from common.training import all_finite, rng_state, set_rng_state
+
+logger = logging.getLogger(__name__)
 
 MANIFEST = "complete.json"
 _NAME = re.compile(r"^checkpoint-(\d+)$")
@@ -58,6 +67,19 @@ def resolve_resume(resume_from_checkpoint, output_dir):
         raise CheckpointError(f"--resume_from_checkpoint {path}: incomplete checkpoint (no {MANIFEST}; "
                               f"it was interrupted while being written)")
     return path
+
+
+def open_resume(accelerator, resume_from_checkpoint, output_dir):
+    """--resume_from_checkpoint opened and checked before anything is built, or None for a new run. A folder that
+    cannot be resumed from stops the run with one line saying why, rather than a traceback after minutes of setup."""
+    try:
+        resume = resolve_resume(resume_from_checkpoint, output_dir)
+        ckpt = Checkpoint(resume) if resume else None
+    except CheckpointError as err:
+        raise SystemExit(str(err)) from None
+    if resume_from_checkpoint == "latest" and ckpt is None and accelerator.is_main_process:
+        logger.info(f"no checkpoint in {output_dir}: starting a new run")
+    return ckpt
 
 
 class CheckpointWriter:
@@ -216,3 +238,146 @@ def load_matching(model, tensors):
     matching = {k: v for k, v in tensors.items() if k in own and own[k].shape == v.shape}
     model.load_state_dict(matching, strict=False)
     return sorted(set(own) - set(matching))
+
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Saving and resuming a training run: the parts every script shares. `save_training_parts` and
+# `restore_training_parts` are counterparts, as are `training_state` and the `state` a script reads back.
+
+
+def refuse_non_finite(step, parts, hint=""):
+    """Stop the run rather than checkpoint non-finite weights, so the newest checkpoint is always one to resume
+    from. `parts`: name -> a module or a dict of tensors (an EMA's shadow); None entries are passed over."""
+    for name, part in parts.items():
+        if part is None:
+            continue
+        tensors = list(part.values()) if isinstance(part, dict) else list(part.parameters())
+        if not all_finite(tensors):
+            raise SystemExit(f"stopping: the {name} weights hold non-finite values at step {step}; not "
+                             f"checkpointing them (the previous checkpoint is intact{hint})")
+
+
+def start_checkpoint(accelerator, output_dir, step):
+    """A CheckpointWriter whose temporary folder exists before any process writes into it."""
+    writer = CheckpointWriter(output_dir, step)
+    if accelerator.is_main_process:
+        writer.start()
+    accelerator.wait_for_everyone()
+    return writer
+
+
+def save_training_parts(writer, accelerator, optimizers, schedulers, ema=None, per_process=None):
+    """What a resumed run needs besides the models and the training state. Every process calls it.
+
+    Each process writes `rng_state_<rank>.pt`: its RNG state under "rng" and, under their names, the state of the
+    `per_process` objects (e.g. a CorruptSampleTracker: each process counts the samples it drew). The main process
+    writes `optimizer_<name>.pt` and `scheduler_<name>.pt` for each entry of `optimizers` and `schedulers`, the EMA
+    weights as `ema.safetensors` and the fp16 grad scaler's state as `scaler.pt`.
+    """
+    own = {name: obj.state_dict() for name, obj in (per_process or {}).items()}
+    writer.add_rank_object("rng_state", {"rng": rng_state(), **own}, accelerator.process_index)
+    if not accelerator.is_main_process:
+        return
+    if ema is not None:
+        writer.add_tensors("ema", ema.shadow)
+    for name, opt in optimizers.items():
+        writer.add_object(f"optimizer_{name}", opt.state_dict())
+    for name, sched in schedulers.items():
+        writer.add_object(f"scheduler_{name}", sched.state_dict())
+    if accelerator.scaler is not None:
+        writer.add_object("scaler", accelerator.scaler.state_dict())
+
+
+def training_state(accelerator, args, step, state, ema, guard, **extra):
+    """The contents of training_state.json: the script's own `state` (epoch, position in it, run id, ...), the step,
+    the EMA's update count, the skip guard, any `extra` entries of the script, the number of processes and every
+    argument (to state changed settings on resume)."""
+    return {**state, "step": step, "ema_updates": ema.num_updates if ema else 0, "skips": guard.state_dict(), **extra,
+            "num_processes": accelerator.num_processes, "args": vars(args)}
+
+
+def commit_checkpoint(writer, accelerator, total_limit=None):
+    """Once every process has written its files: publish the checkpoint and apply retention (main process), and
+    hold every process until it is in place. Returns the checkpoint's folder on the main process, None elsewhere."""
+    accelerator.wait_for_everyone()
+    path = None
+    if accelerator.is_main_process:
+        path = writer.commit(total_limit)
+        logger.info(f"saved {path}")
+    accelerator.wait_for_everyone()
+    return path
+
+
+def load_models(ckpt, models, allow_model_change, files=None, config_changes=None):
+    """Load each model's weights from `ckpt`, or refuse a model that changed; returns the names of those that did.
+
+    `models`: name -> module (None: not part of this run); `files`: name -> its tensor file in the checkpoint (by
+    default the name itself); `config_changes`: name -> differences the script found in the model's configuration.
+    A model whose configuration or tensors differ from the checkpoint's stops the run with a message naming the
+    differences, unless `allow_model_change`: then its tensors that still fit are loaded and the rest keep their
+    fresh initialisation. Its optimizer state (and an EMA of it) cannot carry over: pass the returned names to
+    `restore_training_parts` and `restore_ema`.
+    """
+    files, config_changes = files or {}, config_changes or {}
+    used = {name: model for name, model in models.items() if model is not None}
+    tensors, changed = {}, {}
+    for name, model in used.items():
+        file = files.get(name, name)
+        changed[name] = list(config_changes.get(name, []))
+        if ckpt.has(file):
+            tensors[name] = ckpt.tensors(file)
+            changed[name] += state_mismatches(model, tensors[name])
+        else:
+            changed[name].append(f"the checkpoint has no {file}")
+    # With several models each difference says whose it is; a script's only model needs no name.
+    differences = [f"{name}: {d}" if len(models) > 1 else d for name, ds in changed.items() for d in ds]
+    if differences and not allow_model_change:
+        raise SystemExit(f"--resume_from_checkpoint {ckpt.path}: the model differs from the checkpoint's "
+                         f"({'; '.join(differences[:4])}{'; ...' if len(differences) > 4 else ''}); pass "
+                         f"--allow_model_change to start from the weights that still fit")
+    for name, model in used.items():
+        if changed[name]:
+            fresh = load_matching(model, tensors.get(name, {}))
+            logger.warning(f"--allow_model_change: the {name} loads the tensors that fit; {len(fresh)} start fresh "
+                           f"({', '.join(fresh[:5])}{', ...' if len(fresh) > 5 else ''}); its optimizer starts afresh")
+        else:
+            model.load_state_dict(tensors[name])
+    return {name for name, ds in changed.items() if ds}
+
+
+def restore_training_parts(ckpt, accelerator, state, optimizers, schedulers, guard, per_process=None, changed=()):
+    """The counterpart of `save_training_parts` (and of the skip guard in `training_state`); every process calls it.
+
+    The optimizers of `changed` models (see `load_models`) keep their fresh state; the schedules continue from the
+    saved step either way. A process that the checkpoint has no RNG state for (it was written by fewer processes)
+    starts with fresh random state and fresh `per_process` objects, and says so.
+    """
+    for name, opt in optimizers.items():
+        if name not in changed:
+            opt.load_state_dict(ckpt.object(f"optimizer_{name}"))
+    for name, sched in schedulers.items():
+        if ckpt.has(f"scheduler_{name}"):
+            sched.load_state_dict(ckpt.object(f"scheduler_{name}"))
+    if accelerator.scaler is not None and ckpt.has("scaler"):
+        accelerator.scaler.load_state_dict(ckpt.object("scaler"))
+    guard.load_state_dict(state["skips"])
+    mine = ckpt.rank_object("rng_state", accelerator.process_index)
+    if mine is None:
+        logger.warning(f"{ckpt.path} was written by fewer processes: process {accelerator.process_index} starts "
+                       f"with fresh random state")
+        return
+    set_rng_state(mine["rng"])
+    for name, obj in (per_process or {}).items():
+        obj.load_state_dict(mine[name])
+
+
+def restore_ema(ckpt, ema, model, state, changed=False):
+    """The EMA continues from the checkpoint's average; it restarts from `model`'s weights when that model
+    `changed` (see `load_models`) or when the checkpoint has no EMA (its run was trained without one)."""
+    if ema is None:
+        return
+    if changed or not ckpt.has("ema"):
+        ema.reset(model)
+    else:
+        ema.load_state_dict({"shadow": ckpt.tensors("ema"), "num_updates": state["ema_updates"]})

@@ -29,6 +29,28 @@ def configure_torch(allow_tf32=True):
     torch.backends.cudnn.benchmark = torch.cuda.is_available()
 
 
+def setup_accelerator(args, mixed_precision):
+    """The Accelerator of a training run, from the shared run flags (common/args.add_run_args): accumulation,
+    precision, trackers logging under output_dir/logs, and collectives that time out after the watchdog fires;
+    then logging and torch's precision flags. Each script chooses its default `mixed_precision`."""
+    from accelerate import Accelerator
+    from accelerate.utils import ProjectConfiguration
+
+    accelerator = Accelerator(
+        gradient_accumulation_steps=args.gradient_accumulation_steps, mixed_precision=mixed_precision,
+        log_with=report_to(args.report_to), kwargs_handlers=process_group_kwargs(args.stall_timeout),
+        project_config=ProjectConfiguration(project_dir=args.output_dir,
+                                            logging_dir=str(Path(args.output_dir, "logs"))))
+    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
+    configure_torch(args.allow_tf32)
+    return accelerator
+
+
+def bf16_if_supported():
+    """bf16 on GPUs that have it, full precision elsewhere (CPUs, older GPUs)."""
+    return "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "no"
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # RNG state, saved per process so a resumed run draws the same random numbers as an uninterrupted one.
 
