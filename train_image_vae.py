@@ -43,7 +43,7 @@ from common.losses import (GAN_LOSSES, LPIPS, adaptive_gan_weight, discriminator
 from common.media import image_grid, log_images
 from common.metrics import psnr, ssim
 from common.optim import build_optimizer, build_scheduler, observe_plateau
-from common.perf import FlopCount, Throughput, peak_bf16_flops
+from common.perf import DryRun, FlopCount, Throughput, peak_bf16_flops
 from common.training import (GracefulStop, MetricsAccumulator, MetricsFile, SkipGuard, StopCondition, Watchdog,
                              bf16_if_supported, clip_and_step, frozen, init_trackers, log_changed_settings,
                              new_run_id, setup_accelerator, write_run_info)
@@ -477,6 +477,11 @@ def load_checkpoint(ckpt, accelerator, args, models, optimizers, schedulers, ema
     return state
 
 
+# What --dry_run suggests when the recipe would not fit the GPU, most effective first.
+DRY_RUN_HINTS = ("a smaller --train_batch_size with a larger --gradient_accumulation_steps (the same effective batch)",
+                 "--mixed_precision bf16", "a lower --resolution", "--lpips_weight 0 (no VGG pass)")
+
+
 # Settings whose change on resume alters the run's course; each is stated in the log when it differs.
 SCHEDULE_FLAGS = ("train_batch_size", "gradient_accumulation_steps", "max_train_steps", "num_train_epochs",
                   "learning_rate", "lr_scheduler", "lr_warmup_steps", "optimizer", "disc_learning_rate",
@@ -557,6 +562,21 @@ def main(args):
     stop_when.load_state_dict(state.get("stop_when"))
     if stop_when.met:  # this run already ended on the same --stop_when: nothing left to train
         max_steps = global_step
+    if args.dry_run:  # pre-flight: a few real steps with the GAN on, the second with R1, a report, nothing written
+        batches = infinite_batches(loader, sampler, state["epoch"], 0)
+        first = -(-(max(global_step, args.disc_start_step) + 1) // args.r1_interval) * args.r1_interval - 1
+
+        def one_step(i):
+            for _ in range(args.gradient_accumulation_steps):
+                images = next(batches)[2]["pixel_values"].to(device, non_blocking=True)
+                train_step(images.contiguous(memory_format=memory_format), model, disc, lpips, opt_vae, opt_disc,
+                           accelerator, args, first + i)
+            watchdog.beat()
+
+        dry = DryRun(args.dry_run_steps, args.train_batch_size * args.gradient_accumulation_steps *
+                     accelerator.num_processes, max_steps - global_step, DRY_RUN_HINTS, unit="images")
+        accelerator.print("\n".join(dry.run(one_step)))
+        return
     init_trackers(accelerator, args.tracker_project_name or "train_image_vae", vars(args), state["run_id"],
                   args.output_dir)
     write_run_info(args.output_dir, args, accelerator, __file__)

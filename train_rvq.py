@@ -45,7 +45,7 @@ from common.checkpoint import (Checkpoint, CheckpointError, checkpoint_dirs, com
 from common.data import CorruptSample, CorruptSampleTracker, ResumableBatchSampler, infinite_batches, split_holdout
 from common.ema import EMA
 from common.optim import build_optimizer, build_scheduler, observe_plateau
-from common.perf import FlopCount, Throughput, peak_bf16_flops
+from common.perf import DryRun, FlopCount, Throughput, peak_bf16_flops
 from common.training import (GracefulStop, MetricsAccumulator, MetricsFile, SkipGuard, StopCondition, Watchdog,
                              bf16_if_supported, init_trackers, log_changed_settings, new_run_id, read_metrics,
                              setup_accelerator, write_run_info)
@@ -781,6 +781,11 @@ def load_checkpoint(ckpt, accelerator, args, model, optimizer, scheduler, ema, g
     return state
 
 
+# What --dry_run suggests when the recipe would not fit the GPU, most effective first.
+DRY_RUN_HINTS = ("a smaller --train_batch_size with a larger --gradient_accumulation_steps (the same effective batch)",
+                 "--mixed_precision bf16", "a shorter --ctx", "a smaller --model preset")
+
+# Settings whose change on resume alters the run's course; each is stated in the log when it differs.
 SCHEDULE_FLAGS = ("train_batch_size", "gradient_accumulation_steps", "max_train_steps", "num_train_epochs",
                   "learning_rate", "lr_scheduler", "lr_warmup_steps", "optimizer", "weight_decay", "mixed_precision",
                   "seed", "label_smoothing", "cb_weights", "cb_weights_auto_alpha", "outlier_factor")
@@ -897,6 +902,22 @@ def main(args):
     stop_when.load_state_dict(state.get("stop_when"))
     if stop_when.met:  # this run already ended on the same --stop_when: nothing left to train
         max_steps = global_step
+    if args.dry_run:  # pre-flight: a few real guarded steps, a report, nothing written
+        batches = infinite_batches(loader, sampler, state["epoch"], 0)
+
+        def one_step(i):
+            window_loss = torch.zeros((), device=device)
+            for _ in range(args.gradient_accumulation_steps):
+                window = next(batches)[2]["codes"].to(device, non_blocking=True)
+                metrics = train_step(window, model, accelerator, args, cb_weights, cfg.pad_id, loss_fn)
+                window_loss += metrics["loss/total"] / args.gradient_accumulation_steps
+            guarded_step(accelerator, model, optimizer, window_loss, outlier, args)
+            watchdog.beat()
+
+        dry = DryRun(args.dry_run_steps, args.train_batch_size * args.gradient_accumulation_steps *
+                     accelerator.num_processes * args.ctx, max_steps - global_step, DRY_RUN_HINTS, unit="frames")
+        accelerator.print("\n".join(dry.run(one_step)))
+        return
     init_trackers(accelerator, args.tracker_project_name or "train_rvq", vars(args), state["run_id"], args.output_dir)
     write_run_info(args.output_dir, args, accelerator, __file__)
     metrics_file = MetricsFile(Path(args.output_dir, "metrics.jsonl"), resume_step=global_step if ckpt else None,

@@ -45,7 +45,7 @@ from common.losses import GAN_LOSSES, discriminator_loss, feature_matching_loss,
 from common.media import log_audio, log_images, spectrogram_image
 from common.metrics import mel_cepstral_distortion, pesq_wb, si_sdr
 from common.optim import build_optimizer, build_scheduler, observe_plateau
-from common.perf import FlopCount, Throughput, peak_bf16_flops
+from common.perf import DryRun, FlopCount, Throughput, peak_bf16_flops
 from common.spectral import (LOG_KINDS, MelConfig, MelSpectrogram, MultiResolutionSTFTLoss, MultiScaleMelLoss,
                              stft_phase_losses)
 from common.training import (GracefulStop, MetricsAccumulator, MetricsFile, SkipGuard, StopCondition, Watchdog,
@@ -502,6 +502,11 @@ def load_checkpoint(ckpt, accelerator, args, models, optimizers, schedulers, ema
     return state
 
 
+# What --dry_run suggests when the recipe would not fit the GPU, most effective first.
+DRY_RUN_HINTS = ("a smaller --train_batch_size with a larger --gradient_accumulation_steps (the same effective batch)",
+                 "a shorter --segment_length", "--disc_width below 1 (narrower discriminators)")
+
+
 # Settings whose change on resume alters the run's course; each is stated in the log when it differs.
 SCHEDULE_FLAGS = ("train_batch_size", "gradient_accumulation_steps", "max_train_steps", "num_train_epochs",
                   "learning_rate", "lr_scheduler", "optimizer", "disc_learning_rate", "disc_optimizer",
@@ -583,6 +588,19 @@ def main(args):
     stop_when.load_state_dict(state.get("stop_when"))
     if stop_when.met:  # this run already ended on the same --stop_when: nothing left to train
         max_steps = global_step
+    if args.dry_run:  # pre-flight: a few real steps with the discriminators on, a report, nothing written
+        batches, first = infinite_batches(loader, sampler, state["epoch"], 0), max(global_step, args.disc_start_step)
+
+        def one_step(i):
+            for _ in range(args.gradient_accumulation_steps):
+                audio = next(batches)[2]["audio"].to(device, non_blocking=True)
+                train_step(audio, generator_p, disc_p, mel_fn, spectral, opt_g, opt_d, accelerator, args, first + i)
+            watchdog.beat()
+
+        dry = DryRun(args.dry_run_steps, args.train_batch_size * args.gradient_accumulation_steps *
+                     accelerator.num_processes, max_steps - global_step, DRY_RUN_HINTS, unit="segments")
+        accelerator.print("\n".join(dry.run(one_step)))
+        return
     init_trackers(accelerator, args.tracker_project_name or "train_vocoder", vars(args), state["run_id"],
                   args.output_dir)
     write_run_info(args.output_dir, args, accelerator, __file__)

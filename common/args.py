@@ -235,6 +235,11 @@ def add_run_args(parser, *, batch_size, max_train_steps, checkpointing_steps, va
                    help="Log metrics every this many optimizer steps (the only regular host-device sync).")
     g.add_argument("--validation_steps", type=positive_int, default=validation_steps,
                    help="Validate (samples and held-out metrics from the EMA weights) every this many steps.")
+    g.add_argument("--dry_run", action="store_true",
+                   help="Pre-flight check: build everything, train --dry_run_steps steps at the configured shapes, "
+                        "print seconds per step, throughput, time to --max_train_steps and peak GPU memory (and what "
+                        "to change if it would not fit 32 GB), then exit without writing anything.")
+    g.add_argument("--dry_run_steps", type=positive_int, default=5, help="Optimizer steps of the --dry_run.")
     g.add_argument("--stop_when", type=stop_condition, default=None,
                    help="End the run early once a logged metric meets a threshold, e.g. 'loss/total<0.01' or "
                         "'val/psnr>=30' (operators <, <=, >, >=): that step is validated, checkpointed and exported "

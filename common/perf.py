@@ -116,3 +116,61 @@ class Throughput:
             torch.cuda.reset_peak_memory_stats()
         self.last_time, self.samples, self.steps, self.flops = now, 0, 0, 0.0
         return out
+
+
+class DryRun:
+    """`--dry_run`: a few real optimizer steps at the configured shapes, then a report, and nothing written.
+
+    Each script builds its models, data and optimizers as for training, then calls `run(step_fn)` with a function
+    that does one optimizer step (all its micro-batches) the way its loop does; the discriminator's and other
+    occasional passes should be on, so the step measured is the costliest one. The report gives seconds per step,
+    throughput, the time to --max_train_steps, peak GPU memory (the first step apart: cuDNN's autotuning takes
+    transient workspaces then) and whether that fits cards of 32, 24 and 16 GB; a step that runs out of memory is
+    reported with what to change instead of a traceback. `hints` are the script's own levers, most effective first.
+    """
+
+    CARDS_GIB = (32, 24, 16)
+
+    def __init__(self, steps, samples_per_step, remaining_steps, hints, unit="samples"):
+        self.steps, self.samples_per_step, self.remaining = max(2, steps), samples_per_step, remaining_steps
+        self.hints, self.unit = hints, unit
+
+    def run(self, step_fn):
+        cuda = torch.cuda.is_available()
+        sync = torch.cuda.synchronize if cuda else (lambda: None)
+        times, first_peak, peak = [], None, None
+        try:
+            for i in range(self.steps):
+                if cuda:
+                    torch.cuda.reset_peak_memory_stats()
+                start = time.perf_counter()
+                step_fn(i)
+                sync()
+                times.append(time.perf_counter() - start)
+                if cuda:
+                    used = torch.cuda.max_memory_allocated() / 2**30
+                    first_peak, peak = (used, peak) if i == 0 else (first_peak, max(peak or 0.0, used))
+        except torch.cuda.OutOfMemoryError:
+            total = torch.cuda.get_device_properties(0).total_memory / 2**30 if cuda else 0.0
+            return self.report_lines(times, None, None, oom=total)
+        return self.report_lines(times, first_peak, peak)
+
+    def report_lines(self, times, first_peak, peak, oom=None):
+        lines = [f"dry run: {len(times)} of {self.steps} optimizer steps"]
+        if oom is not None:
+            lines.append(f"out of memory on the {oom:.0f} GiB card at step {len(times) + 1}; to fit: " + "; ".join(self.hints))
+            return lines
+        per_step = sorted(times[1:])[len(times[1:]) // 2]  # the median after the first (autotuning, compilation)
+        eta = per_step * self.remaining
+        lines += [f"seconds per step {per_step:.3f} (first step {times[0]:.2f}); {self.samples_per_step / per_step:.1f} "
+                  f"{self.unit}/s; {self.remaining} steps to go: {eta / 3600:.1f} h"]
+        if peak is None:
+            lines.append("peak GPU memory: no GPU")
+            return lines
+        # A card of N GB holds N * 0.93 GiB; 10% headroom for the allocator's fragmentation and other processes.
+        fits = [f"{card} GB: {'fits' if peak * 1.1 <= card * 0.93 else 'does not fit'}" for card in self.CARDS_GIB]
+        lines.append(f"peak GPU memory {peak:.2f} GiB (first step {first_peak:.2f} GiB, with cuDNN's autotuning "
+                     f"trials); " + ", ".join(fits))
+        if peak * 1.1 > self.CARDS_GIB[0] * 0.93:
+            lines.append("to fit a 32 GB card: " + "; ".join(self.hints))
+        return lines
