@@ -13,3 +13,12 @@ def demo_images(tmp_path_factory):
     from common.demo_data import make_demo_images
 
     return make_demo_images(tmp_path_factory.mktemp("images"), num_images=48, size=32, seed=0)
+
+
+def pytest_collection_finish(session):
+    """Runs of the scripts ahead: start the fork server, so that it imports while the first tests run."""
+    import helpers
+
+    if any(getattr(item.module, name, None) in (helpers.run, helpers.start) for item in session.items
+           for name in ("run", "start") if hasattr(item, "module")):
+        helpers.warm_up()
