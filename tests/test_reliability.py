@@ -341,7 +341,7 @@ def test_wandb_offline_is_one_run_continued_on_resume(spec, data, tmp_path):
 @pytest.mark.slow
 def test_a_compiled_model_saves_plain_keys_that_the_eager_model_resumes_from(spec, data, tmp_path):
     args = base_args(spec, data, tmp_path, steps=3, accumulation=1, checkpointing_steps=3)
-    run(spec.script, *args, "--compile")
+    run(spec.script, *args, "--compile", "--stall_timeout", "1200")  # compiling on 2 busy cores can take minutes
     compiled = Checkpoint(tmp_path / "checkpoint-3")
     for name in spec.weights:
         keys = compiled.tensors(name).keys()
