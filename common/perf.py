@@ -150,12 +150,14 @@ class DryRun:
                 if cuda:
                     used = torch.cuda.max_memory_allocated() / 2**30
                     first_peak, peak = (used, peak) if i == 0 else (first_peak, max(peak or 0.0, used))
+            with FlopCount() as counter:  # one more step, untimed: the FLOPs the model really does per step
+                step_fn(self.steps)
         except torch.cuda.OutOfMemoryError:
             total = torch.cuda.get_device_properties(0).total_memory / 2**30 if cuda else 0.0
             return self.report_lines(times, None, None, oom=total)
-        return self.report_lines(times, first_peak, peak)
+        return self.report_lines(times, first_peak, peak, flops=counter.total)
 
-    def report_lines(self, times, first_peak, peak, oom=None):
+    def report_lines(self, times, first_peak, peak, oom=None, flops=None):
         lines = [f"dry run: {len(times)} of {self.steps} optimizer steps"]
         if oom is not None:
             lines.append(f"out of memory on the {oom:.0f} GiB card at step {len(times) + 1}; to fit: " + "; ".join(self.hints))
@@ -164,6 +166,10 @@ class DryRun:
         eta = per_step * self.remaining
         lines += [f"seconds per step {per_step:.3f} (first step {times[0]:.2f}); {self.samples_per_step / per_step:.1f} "
                   f"{self.unit}/s; {self.remaining} steps to go: {eta / 3600:.1f} h"]
+        if flops:
+            peak_flops = peak_bf16_flops()
+            mfu = f"; {flops / per_step / peak_flops:.1%} of the GPU's dense bf16 peak" if peak_flops else ""
+            lines.append(f"model FLOPs per step {flops / 1e12:.3f} TFLOP{mfu}")
         if peak is None:
             lines.append("peak GPU memory: no GPU")
             return lines

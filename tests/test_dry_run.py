@@ -34,5 +34,6 @@ def test_dry_run_trains_a_few_steps_reports_and_writes_nothing(spec, tmp_path):
                "--dry_run", "--dry_run_steps", "3")
     text = proc.stdout + proc.stderr
     assert "dry run: 3 of 3 optimizer steps" in text and "1000 steps to go" in text and "peak GPU memory" in text
+    assert "model FLOPs per step" in text
     assert not out.exists() or not any(p.name.startswith("checkpoint") or p.name in ("metrics.jsonl", "run.json")
                                        for p in out.iterdir())
