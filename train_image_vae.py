@@ -45,7 +45,7 @@ from common.metrics import psnr, ssim
 from common.optim import build_optimizer, build_scheduler, observe_plateau
 from common.perf import DryRun, FlopCount, Throughput, peak_bf16_flops
 from common.training import (GracefulStop, MetricsAccumulator, MetricsFile, SkipGuard, StopCondition, Watchdog,
-                             bf16_if_supported, clip_and_step, frozen, init_trackers, log_changed_settings,
+                             bf16_if_supported, clip_and_step, freeze, frozen, init_trackers, log_changed_settings,
                              new_run_id, setup_accelerator, write_run_info)
 
 logger = get_logger(__name__)
@@ -486,7 +486,7 @@ DRY_RUN_HINTS = ("a smaller --train_batch_size with a larger --gradient_accumula
 SCHEDULE_FLAGS = ("train_batch_size", "gradient_accumulation_steps", "max_train_steps", "num_train_epochs",
                   "learning_rate", "lr_scheduler", "lr_warmup_steps", "optimizer", "disc_learning_rate",
                   "disc_optimizer", "disc_start_step", "mixed_precision", "seed", "resolution", "kl_weight",
-                  "adv_weight", "lpips_weight")
+                  "adv_weight", "lpips_weight", "freeze")
 
 
 def _jsonable(v):
@@ -531,7 +531,7 @@ def main(args):
 
     # Optimizers
     opt_cfg, disc_cfg = optimizer_kwargs(args), optimizer_kwargs(args, "disc_")
-    opt_vae = build_optimizer(params=vae.parameters(), **opt_cfg["optimizer"])
+    opt_vae = build_optimizer(params=freeze(vae, args.freeze), **opt_cfg["optimizer"])
     opt_disc = build_optimizer(params=disc.parameters(), **disc_cfg["optimizer"]) if disc is not None else None
 
     model = VAEForTraining(vae)

@@ -47,7 +47,7 @@ from common.ema import EMA
 from common.optim import build_optimizer, build_scheduler, observe_plateau
 from common.perf import DryRun, FlopCount, Throughput, peak_bf16_flops
 from common.training import (GracefulStop, MetricsAccumulator, MetricsFile, SkipGuard, StopCondition, Watchdog,
-                             bf16_if_supported, init_trackers, log_changed_settings, new_run_id, read_metrics,
+                             bf16_if_supported, freeze, init_trackers, log_changed_settings, new_run_id, read_metrics,
                              setup_accelerator, write_run_info)
 
 logger = get_logger(__name__)
@@ -788,7 +788,7 @@ DRY_RUN_HINTS = ("a smaller --train_batch_size with a larger --gradient_accumula
 # Settings whose change on resume alters the run's course; each is stated in the log when it differs.
 SCHEDULE_FLAGS = ("train_batch_size", "gradient_accumulation_steps", "max_train_steps", "num_train_epochs",
                   "learning_rate", "lr_scheduler", "lr_warmup_steps", "optimizer", "weight_decay", "mixed_precision",
-                  "seed", "label_smoothing", "cb_weights", "cb_weights_auto_alpha", "outlier_factor")
+                  "seed", "label_smoothing", "cb_weights", "cb_weights_auto_alpha", "outlier_factor", "freeze")
 
 
 def restore_architecture(ckpt, args):
@@ -879,8 +879,9 @@ def main(args):
     ema = EMA(model, args.ema_decay, args.ema_power) if args.use_ema else None
     model_eval = copy.deepcopy(model).eval().requires_grad_(False)
     opt_cfg = optimizer_kwargs(args)
-    decay = [p for n, p in model.named_parameters() if p.dim() >= 2]
-    no_decay = [p for n, p in model.named_parameters() if p.dim() < 2]  # norms: no weight decay (nanoGPT)
+    trainable = freeze(model, args.freeze)
+    decay = [p for p in trainable if p.dim() >= 2]
+    no_decay = [p for p in trainable if p.dim() < 2]  # norms: no weight decay (nanoGPT)
     optimizer = build_optimizer(params=[{"params": decay}, {"params": no_decay, "weight_decay": 0.0}],
                                 **opt_cfg["optimizer"])
     plain, loss_fn = model, codebook_losses

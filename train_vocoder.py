@@ -49,7 +49,7 @@ from common.perf import DryRun, FlopCount, Throughput, peak_bf16_flops
 from common.spectral import (LOG_KINDS, MelConfig, MelSpectrogram, MultiResolutionSTFTLoss, MultiScaleMelLoss,
                              stft_phase_losses)
 from common.training import (GracefulStop, MetricsAccumulator, MetricsFile, SkipGuard, StopCondition, Watchdog,
-                             clip_and_step_all, frozen, init_trackers, log_changed_settings, new_run_id,
+                             clip_and_step_all, freeze, frozen, init_trackers, log_changed_settings, new_run_id,
                              setup_accelerator, write_run_info)
 from common.vocoder import GENERATOR_PRESETS, build_generator, generator_config, save_vocoder
 
@@ -511,7 +511,7 @@ DRY_RUN_HINTS = ("a smaller --train_batch_size with a larger --gradient_accumula
 SCHEDULE_FLAGS = ("train_batch_size", "gradient_accumulation_steps", "max_train_steps", "num_train_epochs",
                   "learning_rate", "lr_scheduler", "optimizer", "disc_learning_rate", "disc_optimizer",
                   "disc_start_step", "mixed_precision", "disc_precision", "seed", "segment_length", "mel_loss",
-                  "mel_loss_weight", "adv_weight", "fm_weight", "discriminator")
+                  "mel_loss_weight", "adv_weight", "fm_weight", "discriminator", "freeze")
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -560,7 +560,7 @@ def main(args):
 
     # Optimizers
     opt_cfg, disc_cfg = optimizer_kwargs(args), optimizer_kwargs(args, "disc_")
-    opt_g = build_optimizer(params=generator.parameters(), **opt_cfg["optimizer"])
+    opt_g = build_optimizer(params=freeze(generator, args.freeze), **opt_cfg["optimizer"])
     opt_d = build_optimizer(params=disc.parameters(), **disc_cfg["optimizer"]) if disc is not None else None
     if args.compile:
         compile_models(generator, spectral, disc)

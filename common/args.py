@@ -235,6 +235,10 @@ def add_run_args(parser, *, batch_size, max_train_steps, checkpointing_steps, va
                    help="Log metrics every this many optimizer steps (the only regular host-device sync).")
     g.add_argument("--validation_steps", type=positive_int, default=validation_steps,
                    help="Validate (samples and held-out metrics from the EMA weights) every this many steps.")
+    g.add_argument("--freeze", type=str, nargs="+", default=None,
+                   help="Keep these parameters of the trained model fixed, by name prefix (e.g. 'encoder quant_conv' "
+                        "to fine-tune an image VAE's decoder alone); a stage of a pipeline can freeze what the "
+                        "previous one trained.")
     g.add_argument("--dry_run", action="store_true",
                    help="Pre-flight check: build everything, train --dry_run_steps steps at the configured shapes, "
                         "print seconds per step, throughput, time to --max_train_steps and peak GPU memory (and what "

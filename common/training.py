@@ -144,6 +144,34 @@ class SkipGuard:
         self.consecutive, self.total = int(state["consecutive"]), int(state["total"])
 
 
+def freeze(model, prefixes):
+    """`--freeze encoder quant_conv`: the parameters whose names start with one of `prefixes` stop training
+    (requires_grad off; they stay in checkpoints, the EMA and the export). Returns the trainable parameters, for the
+    optimizer. A prefix that names no parameter is refused with the model's top-level names."""
+    params = list(model.named_parameters())
+    if not prefixes:
+        return [p for _, p in params]
+
+    def matches(name, prefix):
+        prefix = prefix.rstrip(".")
+        return name == prefix or name.startswith(prefix + ".")
+
+    tops = sorted({name.split(".")[0] for name, _ in params})
+    for prefix in prefixes:
+        if not any(matches(name, prefix) for name, _ in params):
+            raise SystemExit(f"--freeze {prefix}: no parameter's name starts with it (the model's top-level names: "
+                             f"{', '.join(tops)})")
+    trainable = []
+    for name, p in params:
+        if any(matches(name, prefix) for prefix in prefixes):
+            p.requires_grad_(False)
+        else:
+            trainable.append(p)
+    if not trainable:
+        raise SystemExit(f"--freeze {' '.join(prefixes)} freezes every parameter: nothing would train")
+    return trainable
+
+
 def all_finite(tensors):
     """True if every tensor is finite (one host sync for all of them)."""
     tensors = [t for t in tensors if t.is_floating_point()]
