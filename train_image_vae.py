@@ -46,7 +46,7 @@ from common.optim import build_optimizer, build_scheduler, observe_plateau
 from common.perf import DryRun, FlopCount, Throughput, peak_bf16_flops
 from common.training import (GracefulStop, MetricsAccumulator, MetricsFile, SkipGuard, StopCondition, Watchdog,
                              bf16_if_supported, clip_and_step, freeze, frozen, init_trackers, log_changed_settings,
-                             new_run_id, setup_accelerator, write_run_info)
+                             new_run_id, setup_accelerator, tracker_tags, write_run_info)
 
 logger = get_logger(__name__)
 
@@ -578,7 +578,8 @@ def main(args):
         accelerator.print("\n".join(dry.run(one_step)))
         return
     init_trackers(accelerator, args.tracker_project_name or "train_image_vae", vars(args), state["run_id"],
-                  args.output_dir)
+                  args.output_dir, args.tracker_run_name, args.tracker_group,
+                  args.tracker_tags or tracker_tags(args, __file__))
     write_run_info(args.output_dir, args, accelerator, __file__)
     metrics_file = MetricsFile(Path(args.output_dir, "metrics.jsonl"), resume_step=global_step if ckpt else None,
                                enabled=accelerator.is_main_process)

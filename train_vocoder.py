@@ -50,7 +50,7 @@ from common.spectral import (LOG_KINDS, MelConfig, MelSpectrogram, MultiResoluti
                              stft_phase_losses)
 from common.training import (GracefulStop, MetricsAccumulator, MetricsFile, SkipGuard, StopCondition, Watchdog,
                              clip_and_step_all, freeze, frozen, init_trackers, log_changed_settings, new_run_id,
-                             setup_accelerator, write_run_info)
+                             setup_accelerator, tracker_tags, write_run_info)
 from common.vocoder import GENERATOR_PRESETS, build_generator, generator_config, save_vocoder
 
 logger = get_logger(__name__)
@@ -602,7 +602,8 @@ def main(args):
         accelerator.print("\n".join(dry.run(one_step)))
         return
     init_trackers(accelerator, args.tracker_project_name or "train_vocoder", vars(args), state["run_id"],
-                  args.output_dir)
+                  args.output_dir, args.tracker_run_name, args.tracker_group,
+                  args.tracker_tags or tracker_tags(args, __file__))
     write_run_info(args.output_dir, args, accelerator, __file__)
     metrics_file = MetricsFile(Path(args.output_dir, "metrics.jsonl"), resume_step=global_step if ckpt else None,
                                enabled=accelerator.is_main_process)

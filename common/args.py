@@ -231,6 +231,12 @@ def add_run_args(parser, *, batch_size, max_train_steps, checkpointing_steps, va
     g.add_argument("--report_to", type=str, default="tensorboard", choices=["tensorboard", "wandb", "all", "none"],
                    help="Experiment tracker (metrics.jsonl in --output_dir is written in every case).")
     g.add_argument("--tracker_project_name", type=str, default=None, help="wandb project / tensorboard run name.")
+    g.add_argument("--tracker_run_name", type=str, default=None,
+                   help="wandb run name (default: the --output_dir folder's name).")
+    g.add_argument("--tracker_group", type=str, default=None,
+                   help="wandb group: runs of one experiment or pipeline side by side (a pipeline sets its name).")
+    g.add_argument("--tracker_tags", type=str, nargs="+", default=None,
+                   help="wandb tags (default: the script, the --config file's name and the model preset).")
     g.add_argument("--logging_steps", type=positive_int, default=20,
                    help="Log metrics every this many optimizer steps (the only regular host-device sync).")
     g.add_argument("--validation_steps", type=positive_int, default=validation_steps,

@@ -82,6 +82,7 @@ def load_pipeline(path):
         stage = substitute(stage, {"output_dir": root, "stages": done}, where)
         stage.setdefault("output_dir", str(Path(root) / stage["name"]))
         stage["args"] = dict(stage.get("args") or {})
+        stage["pipeline"] = Path(path).stem
         done[stage["name"]] = {"output_dir": stage["output_dir"]}
         stages.append(stage)
     return {"output_dir": root, "launcher": launcher, "stages": stages}
@@ -122,6 +123,8 @@ def stage_config(stage):
         if key in stage:
             config[key] = stage[key]
     config.setdefault("resume_from_checkpoint", "latest")
+    config.setdefault("tracker_group", stage["pipeline"])  # a pipeline's stages side by side in wandb
+    config.setdefault("tracker_run_name", stage["name"])
     config["output_dir"] = stage["output_dir"]
     return config
 

@@ -310,11 +310,23 @@ def read_metrics(path):
     return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
 
 
-def init_trackers(accelerator, project_name, config, run_id, output_dir):
-    """Start the trackers; with wandb the run id is fixed so a resumed run continues the same wandb run."""
+def tracker_tags(args, script):
+    """The tags a run gets in wandb (unless --tracker_tags names them): the script, its recipe file and model."""
+    tags = [Path(script).stem]
+    if getattr(args, "config", None):
+        tags.append(Path(args.config).stem)
+    if isinstance(getattr(args, "model", None), str):
+        tags.append(args.model)
+    return tags
+
+
+def init_trackers(accelerator, project_name, config, run_id, output_dir, name=None, group=None, tags=None):
+    """Start the trackers; with wandb the run id is fixed so a resumed run continues the same wandb run, and the
+    run's name (the output folder's by default), group and tags are set so runs of one experiment sit together."""
     if not accelerator.log_with:
         return
-    init_kwargs = {"wandb": {"id": run_id, "resume": "allow", "dir": str(output_dir)}}
+    init_kwargs = {"wandb": {"id": run_id, "resume": "allow", "dir": str(output_dir),
+                             "name": name or Path(output_dir).name, "group": group, "tags": list(tags or [])}}
     flat = {k: (v if isinstance(v, (int, float, str, bool)) or v is None else str(v)) for k, v in config.items()}
     accelerator.init_trackers(project_name, config=flat, init_kwargs=init_kwargs)
 

@@ -6,7 +6,7 @@ import torch
 from accelerate import Accelerator
 
 from common.training import (MetricsAccumulator, MetricsFile, SkipGuard, clip_and_step, clip_and_step_all, frozen,
-                             read_metrics, rng_state, set_rng_state)
+                             init_trackers, read_metrics, rng_state, set_rng_state, tracker_tags)
 
 
 def test_rng_state_round_trip_through_a_weights_only_file(tmp_path):
@@ -82,3 +82,26 @@ def test_metrics_file_drops_steps_after_the_resumed_checkpoint(tmp_path):
         f.write(step, {"loss": step / 10})
     MetricsFile(path, resume_step=20).write(30, {"loss": 9.0})
     assert [(m["step"], m["loss"]) for m in read_metrics(path)] == [(10, 1.0), (20, 2.0), (30, 9.0)]
+
+
+def test_wandb_runs_get_a_name_a_group_and_tags():
+    class Recorder:
+        log_with = ["wandb"]
+
+        def init_trackers(self, project, config, init_kwargs):
+            self.got = (project, config, init_kwargs)
+
+    acc = Recorder()
+    init_trackers(acc, "vocoders", {"lr": 1e-4, "betas": (0.8, 0.99)}, "abc123", "/tmp/out/v1-run", group="sweep",
+                  tags=["train_vocoder"])
+    assert acc.got[0] == "vocoders" and acc.got[1] == {"lr": 1e-4, "betas": "(0.8, 0.99)"}
+    assert acc.got[2]["wandb"] == {"id": "abc123", "resume": "allow", "dir": "/tmp/out/v1-run", "name": "v1-run",
+                                   "group": "sweep", "tags": ["train_vocoder"]}
+
+
+def test_default_tags_name_the_script_its_recipe_and_its_model():
+    import argparse
+
+    args = argparse.Namespace(config="configs/vocoder_dac.yaml", model="hifigan-5m")
+    assert tracker_tags(args, "/repo/train_vocoder.py") == ["train_vocoder", "vocoder_dac", "hifigan-5m"]
+    assert tracker_tags(argparse.Namespace(config=None), "train_rvq.py") == ["train_rvq"]
