@@ -562,6 +562,7 @@ def main(args):
     stop_when.load_state_dict(state.get("stop_when"))
     if stop_when.met:  # this run already ended on the same --stop_when: nothing left to train
         max_steps = global_step
+    samples_per_step = args.train_batch_size * args.gradient_accumulation_steps * accelerator.num_processes
     if args.dry_run:  # pre-flight: a few real steps with the GAN on, the second with R1, a report, nothing written
         batches = infinite_batches(loader, sampler, state["epoch"], 0)
         first = -(-(max(global_step, args.disc_start_step) + 1) // args.r1_interval) * args.r1_interval - 1
@@ -573,8 +574,7 @@ def main(args):
                            accelerator, args, first + i)
             watchdog.beat()
 
-        dry = DryRun(args.dry_run_steps, args.train_batch_size * args.gradient_accumulation_steps *
-                     accelerator.num_processes, max_steps - global_step, DRY_RUN_HINTS, unit="images")
+        dry = DryRun(args.dry_run_steps, samples_per_step, max_steps - global_step, DRY_RUN_HINTS, unit="images")
         accelerator.print("\n".join(dry.run(one_step)))
         return
     init_trackers(accelerator, args.tracker_project_name or "train_image_vae", vars(args), state["run_id"],
@@ -585,7 +585,6 @@ def main(args):
                                enabled=accelerator.is_main_process)
 
     # Train
-    samples_per_step = args.train_batch_size * args.gradient_accumulation_steps * accelerator.num_processes
     batch_in_epoch = state["samples_in_epoch"] // sampler.global_batch
     batches = infinite_batches(loader, sampler, state["epoch"], batch_in_epoch)
     throughput, accumulated, flops = Throughput(peak_bf16_flops()), MetricsAccumulator(), {}

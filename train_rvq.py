@@ -903,6 +903,7 @@ def main(args):
     stop_when.load_state_dict(state.get("stop_when"))
     if stop_when.met:  # this run already ended on the same --stop_when: nothing left to train
         max_steps = global_step
+    windows_per_step = args.train_batch_size * args.gradient_accumulation_steps * accelerator.num_processes
     if args.dry_run:  # pre-flight: a few real guarded steps, a report, nothing written
         batches = infinite_batches(loader, sampler, state["epoch"], 0)
 
@@ -915,8 +916,8 @@ def main(args):
             guarded_step(accelerator, model, optimizer, window_loss, outlier, args)
             watchdog.beat()
 
-        dry = DryRun(args.dry_run_steps, args.train_batch_size * args.gradient_accumulation_steps *
-                     accelerator.num_processes * args.ctx, max_steps - global_step, DRY_RUN_HINTS, unit="frames")
+        dry = DryRun(args.dry_run_steps, windows_per_step * args.ctx, max_steps - global_step, DRY_RUN_HINTS,
+                     unit="frames")
         accelerator.print("\n".join(dry.run(one_step)))
         return
     init_trackers(accelerator, args.tracker_project_name or "train_rvq", vars(args), state["run_id"],
@@ -929,7 +930,6 @@ def main(args):
     prompt = load_codes(val_files[0][0], 0, args.eval_prompt_frames)
 
     # Train
-    windows_per_step = args.train_batch_size * args.gradient_accumulation_steps * accelerator.num_processes
     batches = infinite_batches(loader, sampler, state["epoch"], state["samples_in_epoch"] // sampler.global_batch)
     throughput, accumulated, flops = Throughput(peak_bf16_flops()), MetricsAccumulator(), None
     window_loss = torch.zeros((), device=device)

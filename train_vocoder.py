@@ -588,6 +588,7 @@ def main(args):
     stop_when.load_state_dict(state.get("stop_when"))
     if stop_when.met:  # this run already ended on the same --stop_when: nothing left to train
         max_steps = global_step
+    samples_per_step = args.train_batch_size * args.gradient_accumulation_steps * accelerator.num_processes
     if args.dry_run:  # pre-flight: a few real steps with the discriminators on, a report, nothing written
         batches, first = infinite_batches(loader, sampler, state["epoch"], 0), max(global_step, args.disc_start_step)
 
@@ -597,8 +598,7 @@ def main(args):
                 train_step(audio, generator_p, disc_p, mel_fn, spectral, opt_g, opt_d, accelerator, args, first + i)
             watchdog.beat()
 
-        dry = DryRun(args.dry_run_steps, args.train_batch_size * args.gradient_accumulation_steps *
-                     accelerator.num_processes, max_steps - global_step, DRY_RUN_HINTS, unit="segments")
+        dry = DryRun(args.dry_run_steps, samples_per_step, max_steps - global_step, DRY_RUN_HINTS, unit="segments")
         accelerator.print("\n".join(dry.run(one_step)))
         return
     init_trackers(accelerator, args.tracker_project_name or "train_vocoder", vars(args), state["run_id"],
@@ -609,7 +609,6 @@ def main(args):
                                enabled=accelerator.is_main_process)
 
     # Train
-    samples_per_step = args.train_batch_size * args.gradient_accumulation_steps * accelerator.num_processes
     batch_in_epoch = state["samples_in_epoch"] // sampler.global_batch
     batches = infinite_batches(loader, sampler, state["epoch"], batch_in_epoch)
     throughput, accumulated, flops = Throughput(peak_bf16_flops()), MetricsAccumulator(), {}

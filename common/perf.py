@@ -160,7 +160,8 @@ class DryRun:
     def report_lines(self, times, first_peak, peak, oom=None, flops=None):
         lines = [f"dry run: {len(times)} of {self.steps} optimizer steps"]
         if oom is not None:
-            lines.append(f"out of memory on the {oom:.0f} GiB card at step {len(times) + 1}; to fit: " + "; ".join(self.hints))
+            card = f" on the {oom:.0f} GiB card" if oom else ""
+            lines.append(f"out of memory{card} at step {len(times) + 1}; to fit: " + "; ".join(self.hints))
             return lines
         per_step = sorted(times[1:])[len(times[1:]) // 2]  # the median after the first (autotuning, compilation)
         eta = per_step * self.remaining

@@ -6,6 +6,7 @@ import faulthandler
 import json
 import logging
 import math
+import operator
 import os
 import random
 import re
@@ -382,8 +383,7 @@ class StopCondition:
     """
 
     PATTERN = re.compile(r"^\s*([A-Za-z0-9_./-]+)\s*(<=|>=|<|>)\s*([-+]?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?)\s*$")
-    OPERATORS = {"<": lambda a, b: a < b, "<=": lambda a, b: a <= b, ">": lambda a, b: a > b,
-                 ">=": lambda a, b: a >= b}
+    OPERATORS = {"<": operator.lt, "<=": operator.le, ">": operator.gt, ">=": operator.ge}
 
     def __init__(self, spec=None, patience=1):
         self.spec, self.patience = spec, patience
