@@ -16,7 +16,6 @@ import argparse
 import copy
 import dataclasses
 import json
-import math
 import os
 from contextlib import nullcontext
 from pathlib import Path
@@ -41,7 +40,7 @@ from common.ema import EMA
 from common.losses import (GAN_LOSSES, LPIPS, adaptive_gan_weight, discriminator_loss, feature_matching_loss,
                            generator_loss, kl_loss, r1_penalty)
 from common.media import image_grid, log_images
-from common.metrics import psnr, ssim
+from common.metrics import LatentStats, psnr, ssim
 from common.optim import build_optimizer, build_scheduler, observe_plateau
 from common.perf import DryRun, FlopCount, Throughput, peak_bf16_flops
 from common.training import (GracefulStop, MetricsAccumulator, MetricsFile, SkipGuard, StopCondition, Watchdog,
@@ -387,22 +386,15 @@ def measure_latent_stats(vae, source, resolution, num_images, batch_size, device
     count = min(num_images, len(dataset))
     indices = torch.linspace(0, len(dataset) - 1, count).round().long().tolist()
     generator = torch.Generator(device=device).manual_seed(seed)
-    total, total_sq, n = 0.0, 0.0, 0
+    stats = LatentStats()
     for start in range(0, count, batch_size):
         x = torch.stack([dataset[i]["pixel_values"] for i in indices[start:start + batch_size]]).to(device)
-        z = vae.encode(x).latent_dist.sample(generator=generator).double()  # (B, C, h, w)
-        total = total + z.sum(dim=(0, 2, 3))
-        total_sq = total_sq + z.pow(2).sum(dim=(0, 2, 3))
-        n += z.numel() // z.size(1)
-    channel_mean = total / n
-    channel_std = (total_sq / n - channel_mean**2).clamp(min=0).sqrt()
-    mean = float(channel_mean.mean())
-    std = float(math.sqrt(float((total_sq.sum() / (n * z.size(1))) - mean**2)))
+        stats.add(vae.encode(x).latent_dist.sample(generator=generator))  # (B, C, h, w)
     factor = 2 ** (len(vae.config.block_out_channels) - 1)
+    summary = stats.summary()
+    del summary["num_values"]
     return {
-        "scaling_factor": 1.0 / std, "shift_factor": mean,
-        "channel_mean": channel_mean.tolist(), "channel_std": channel_std.tolist(),
-        "latent_channels": int(z.size(1)), "downsampling_factor": factor, "resolution": resolution,
+        **summary, "downsampling_factor": factor, "resolution": resolution,
         "num_images": count, "sampled_posterior": True,
         "usage": "latents = (vae.encode(x).latent_dist.sample() - shift_factor) * scaling_factor",
     }

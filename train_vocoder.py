@@ -31,14 +31,15 @@ from accelerate.utils import set_seed
 from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
-from common.args import (ArgumentParser, add_ema_args, add_optimizer_args, add_run_args, fraction, non_negative_float,
-                         non_negative_int, optimizer_kwargs, parse_args_with_config, positive_float, positive_int)
-from common.audio import AUDIO_EXTENSIONS, AudioSegments, load_audio, save_audio
+from common.args import (ArgumentParser, add_ema_args, add_mel_args, add_optimizer_args, add_run_args, fraction,
+                         mel_config, non_negative_float, non_negative_int, optimizer_kwargs, parse_args_with_config,
+                         positive_float, positive_int)
+from common.audio import (AUDIO_EXTENSIONS, AudioSegments, save_audio, train_and_validation_files,
+                          validation_clips)
 from common.checkpoint import (Checkpoint, CheckpointError, commit_checkpoint, load_models, open_resume,
                                refuse_non_finite, restore_ema, restore_training_parts, save_training_parts,
                                start_checkpoint, training_state)
-from common.data import (CorruptSample, CorruptSampleTracker, ResumableBatchSampler, collate, find_files,
-                         has_any_file, infinite_batches, split_holdout)
+from common.data import CorruptSampleTracker, ResumableBatchSampler, collate, has_any_file, infinite_batches
 from common.discriminators import AUDIO_DISCRIMINATORS, build_audio_discriminator
 from common.ema import EMA
 from common.losses import GAN_LOSSES, discriminator_loss, feature_matching_loss, generator_loss
@@ -46,7 +47,7 @@ from common.media import log_audio, log_images, spectrogram_image
 from common.metrics import mel_cepstral_distortion, pesq_wb, si_sdr
 from common.optim import build_optimizer, build_scheduler, observe_plateau
 from common.perf import DryRun, FlopCount, Throughput, peak_bf16_flops
-from common.spectral import (LOG_KINDS, MelConfig, MelSpectrogram, MultiResolutionSTFTLoss, MultiScaleMelLoss,
+from common.spectral import (MelConfig, MelSpectrogram, MultiResolutionSTFTLoss, MultiScaleMelLoss,
                              stft_phase_losses)
 from common.training import (GracefulStop, MetricsAccumulator, MetricsFile, SkipGuard, StopCondition, Watchdog,
                              clip_and_step_all, freeze, frozen, init_trackers, log_changed_settings, new_run_id,
@@ -82,16 +83,7 @@ def build_parser():
                    help="Files shorter than a segment are zero-padded if they hold at least this fraction of one, "
                         "skipped as too short otherwise.")
 
-    g = parser.add_argument_group("mel spectrogram (saved with the model; the audio VAE and LDM must match it)")
-    g.add_argument("--sample_rate", type=positive_int, default=22050, help="Audio sample rate.")
-    g.add_argument("--n_fft", type=positive_int, default=1024, help="FFT size.")
-    g.add_argument("--hop_length", type=positive_int, default=256,
-                   help="Hop in samples: one mel frame per hop; the generator upsamples by exactly this.")
-    g.add_argument("--win_length", type=positive_int, default=1024, help="Hann window length (<= --n_fft).")
-    g.add_argument("--n_mels", type=positive_int, default=80, help="Mel bands.")
-    g.add_argument("--fmin", type=non_negative_float, default=0.0, help="Lowest mel frequency (Hz).")
-    g.add_argument("--fmax", type=positive_float, default=8000.0, help="Highest mel frequency (Hz) of the input mel.")
-    g.add_argument("--mel_log", type=str, default="ln", choices=LOG_KINDS, help="Log of the mel magnitudes.")
+    add_mel_args(parser)  # the generator upsamples by exactly --hop_length
 
     g = parser.add_argument_group("model")
     g.add_argument("--model", type=str, default="hifigan-5m", choices=sorted(GENERATOR_PRESETS),
@@ -158,11 +150,6 @@ def parse_args(argv=None):
     return args
 
 
-def mel_config(args):
-    return MelConfig(sample_rate=args.sample_rate, n_fft=args.n_fft, hop_length=args.hop_length,
-                     win_length=args.win_length, n_mels=args.n_mels, fmin=args.fmin, fmax=args.fmax, log=args.mel_log)
-
-
 def check_args(parser, args):
     """Cross-flag checks, before anything heavy happens."""
     if args.output_dir is None:
@@ -213,43 +200,6 @@ def _upsampling(model, mel):
     if cfg["type"] == "vocos":
         return mel.hop_length
     return int(np.prod(cfg["upsample_rates"]))
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# Data
-
-
-def audio_files(args):
-    """(train, validation) file lists: validation files are whole held-out utterances, split by file."""
-    files = find_files(args.train_data_dir, AUDIO_EXTENSIONS)
-    if args.validation_data_dir:
-        train, val = files, find_files(args.validation_data_dir, AUDIO_EXTENSIONS)
-    else:
-        train, val = split_holdout(files, args.num_validation_files, args.seed)
-    if not train or not val:
-        raise SystemExit(f"need training and validation audio, found {len(train)} and {len(val)} files")
-    return train, val
-
-
-def validation_clips(files, args):
-    """Up to --num_validation_files readable, non-silent utterances, cut to a multiple of the hop."""
-    clips, limit = [], int(args.validation_max_seconds * args.sample_rate)
-    for path in files:
-        try:
-            audio = load_audio(path, args.sample_rate)[:limit]
-        except CorruptSample as bad:
-            logger.warning(f"validation file skipped: {bad}")
-            continue
-        usable = len(audio) // args.hop_length * args.hop_length
-        if usable < args.n_fft or audio.abs().max() < 1e-4:
-            logger.warning(f"validation file skipped: {path}: too short or silent")
-            continue
-        clips.append((str(path), audio[:usable]))
-        if len(clips) == args.num_validation_files:
-            break
-    if not clips:
-        raise SystemExit("no usable validation audio (every held-out file was unreadable, silent or too short)")
-    return clips
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -531,7 +481,8 @@ def main(args):
     mel = mel_config(args)
 
     # Data: random segments of the training files; whole held-out utterances for validation
-    train_files, val_files = audio_files(args)
+    train_files, val_files = train_and_validation_files(args.train_data_dir, args.validation_data_dir,
+                                                        args.num_validation_files, args.seed)
     train_set = AudioSegments(train_files, args.sample_rate, args.segment_length, seed=args.seed,
                               min_fraction=args.min_segment_fraction)
     sampler = ResumableBatchSampler(len(train_set), args.train_batch_size, accelerator.num_processes,
@@ -541,7 +492,8 @@ def main(args):
         pin_memory=device.type == "cuda", persistent_workers=args.dataloader_num_workers > 0,
         prefetch_factor=4 if args.dataloader_num_workers > 0 else None,
         generator=torch.Generator().manual_seed(args.seed))
-    clips = validation_clips(val_files, args)
+    clips = validation_clips(val_files, args.sample_rate, args.num_validation_files, args.validation_max_seconds,
+                             args.hop_length, args.n_fft, logger.warning)
     steps_per_epoch = max(1, sampler.batches_per_epoch // args.gradient_accumulation_steps)
     max_steps = args.num_train_epochs * steps_per_epoch if args.num_train_epochs else args.max_train_steps
     for prefix in ("", "disc_"):  # the per-epoch decay of HiFi-GAN unless an interval was given

@@ -259,6 +259,30 @@ def add_run_args(parser, *, batch_size, max_train_steps, checkpointing_steps, va
     return g
 
 
+def add_mel_args(parser, title="mel spectrogram (saved with the model; chained audio models must match it)"):
+    """The mel configuration flags (common.spectral.MelConfig; HiFi-GAN's defaults) of every audio script."""
+    from common.spectral import LOG_KINDS
+
+    g = parser.add_argument_group(title)
+    g.add_argument("--sample_rate", type=positive_int, default=22050, help="Audio sample rate.")
+    g.add_argument("--n_fft", type=positive_int, default=1024, help="FFT size.")
+    g.add_argument("--hop_length", type=positive_int, default=256, help="Hop in samples: one mel frame per hop.")
+    g.add_argument("--win_length", type=positive_int, default=1024, help="Hann window length (<= --n_fft).")
+    g.add_argument("--n_mels", type=positive_int, default=80, help="Mel bands.")
+    g.add_argument("--fmin", type=non_negative_float, default=0.0, help="Lowest mel frequency (Hz).")
+    g.add_argument("--fmax", type=positive_float, default=8000.0, help="Highest mel frequency (Hz).")
+    g.add_argument("--mel_log", type=str, default="ln", choices=LOG_KINDS, help="Log of the mel magnitudes.")
+    return g
+
+
+def mel_config(args):
+    """The common.spectral.MelConfig of `add_mel_args`' flags (ValueError naming what is wrong)."""
+    from common.spectral import MelConfig
+
+    return MelConfig(sample_rate=args.sample_rate, n_fft=args.n_fft, hop_length=args.hop_length,
+                     win_length=args.win_length, n_mels=args.n_mels, fmin=args.fmin, fmax=args.fmax, log=args.mel_log)
+
+
 def add_ema_args(parser, *, decay, power):
     g = parser.add_argument_group("EMA")
     g.add_argument("--use_ema", action=argparse.BooleanOptionalAction, default=True,

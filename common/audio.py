@@ -145,3 +145,45 @@ class AudioSegments(torch.utils.data.Dataset):
             return {"audio": audio, "index": i, "skipped": skipped}
         raise RuntimeError(f"{self.max_retries} unusable audio files in a row from index {index}: "
                            + "; ".join(f"{w}: {r}" for w, r in skipped))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Training and held-out files
+
+
+def train_and_validation_files(train_dir, validation_dir, num_validation, seed):
+    """(train, validation) audio file lists: the files of `validation_dir`, or `num_validation` whole files held
+    out of `train_dir` (split by file, so no utterance is in both). SystemExit when either is empty."""
+    from common.data import find_files, split_holdout
+
+    files = find_files(train_dir, AUDIO_EXTENSIONS)
+    if validation_dir:
+        train, val = files, find_files(validation_dir, AUDIO_EXTENSIONS)
+    else:
+        train, val = split_holdout(files, num_validation, seed)
+    if not train or not val:
+        raise SystemExit(f"need training and validation audio, found {len(train)} and {len(val)} files")
+    return train, val
+
+
+def validation_clips(files, sample_rate, count, max_seconds, multiple, min_samples, warn=print):
+    """Up to `count` readable, non-silent utterances [(path, (T,) audio)], each cut to at most `max_seconds` and
+    to a multiple of `multiple` samples; files that are unreadable, silent or under `min_samples` are passed over
+    with a warning. SystemExit when none is usable."""
+    clips, limit = [], int(max_seconds * sample_rate)
+    for path in files:
+        try:
+            audio = load_audio(path, sample_rate)[:limit]
+        except CorruptSample as bad:
+            warn(f"validation file skipped: {bad}")
+            continue
+        usable = len(audio) // multiple * multiple
+        if usable < max(min_samples, multiple) or audio.abs().max() < 1e-4:
+            warn(f"validation file skipped: {path}: too short or silent")
+            continue
+        clips.append((str(path), audio[:usable]))
+        if len(clips) == count:
+            break
+    if not clips:
+        raise SystemExit("no usable validation audio (every held-out file was unreadable, silent or too short)")
+    return clips

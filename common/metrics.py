@@ -132,3 +132,40 @@ def pesq_wb(estimate, reference, sample_rate):
         except PesqError:
             continue  # nothing PESQ can measure in this clip
     return float(np.mean(scores)) if scores else None
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Latent statistics of a VAE, for latent_stats.json
+
+
+class LatentStats:
+    """Running statistics of VAE latents (B, C, ...), in float64: `add(z)` per batch, then `summary()` gives
+
+        scaling_factor  1 / std of all latent values     shift_factor  their mean
+        channel_mean, channel_std                          latent_channels, num_values (per channel)
+
+    so an LDM trains on (z - shift_factor) * scaling_factor, of zero mean and unit variance on this data (the
+    role of Stable Diffusion's hand-derived 0.18215)."""
+
+    def __init__(self):
+        self.total = self.total_sq = None
+        self.count = 0
+
+    def add(self, z):
+        z = z.detach().double()
+        dims = [d for d in range(z.ndim) if d != 1]
+        total, total_sq = z.sum(dim=dims), z.pow(2).sum(dim=dims)
+        self.total = total if self.total is None else self.total + total
+        self.total_sq = total_sq if self.total_sq is None else self.total_sq + total_sq
+        self.count += z.numel() // z.size(1)
+
+    def summary(self):
+        if not self.count:
+            raise ValueError("no latents were added")
+        channel_mean = self.total / self.count
+        channel_std = (self.total_sq / self.count - channel_mean**2).clamp(min=0).sqrt()
+        mean = float(channel_mean.mean())
+        variance = float(self.total_sq.sum()) / (self.count * len(self.total)) - mean**2
+        return {"scaling_factor": 1.0 / math.sqrt(max(variance, 1e-24)), "shift_factor": mean,
+                "channel_mean": channel_mean.tolist(), "channel_std": channel_std.tolist(),
+                "latent_channels": len(self.total), "num_values": self.count}

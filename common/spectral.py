@@ -314,3 +314,33 @@ def stft_phase_losses(x, y, n_fft, hop_length, win_length):
         angular_frequency = anti_wrapping(torch.diff(phase_x, dim=2) - torch.diff(phase_y, dim=2)).mean()
         return {"magnitude": F.l1_loss(log_mag_x, log_mag_y),
                 "phase": instantaneous + group_delay + angular_frequency}
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Listening to a mel without a vocoder
+
+
+@torch.no_grad()
+def griffin_lim(log_mel, config: MelConfig, n_iter=32, momentum=0.99, seed=0):
+    """A rough waveform for log-mels (B, n_mels, frames) made with `config`: the magnitude spectrogram from the
+    mel by non-negative least squares through the filterbank's pseudo-inverse, then fast Griffin-Lim (Perraudin
+    et al. 2013) with `n_iter` iterations from a seeded random phase. (B, (frames - 1) * hop) float32.
+
+    For listening when no vocoder was trained, not for metrics: it sounds phasey and metallic."""
+    log_mel = log_mel.float()
+    mel = log_mel.exp() if config.log == "ln" else torch.pow(10.0, log_mel)
+    basis = mel_filterbank(config.sample_rate, config.n_fft, config.n_mels, config.fmin, config.fmax).to(mel.device)
+    magnitude = torch.matmul(torch.linalg.pinv(basis), mel).clamp(min=0)  # (B, n_fft // 2 + 1, frames)
+    window = torch.hann_window(config.win_length, device=mel.device)
+    stft = dict(n_fft=config.n_fft, hop_length=config.hop_length, win_length=config.win_length, window=window)
+    generator = torch.Generator(device="cpu").manual_seed(seed)
+    angles = torch.exp(2j * math.pi * torch.rand(magnitude.shape, generator=generator)).to(mel.device)
+    length = (magnitude.size(-1) - 1) * config.hop_length
+    previous = torch.zeros_like(angles)
+    for _ in range(n_iter):
+        audio = torch.istft(magnitude * angles, length=length, **stft)
+        rebuilt = torch.stft(audio, return_complex=True, **stft)
+        angles = rebuilt - momentum / (1 + momentum) * previous
+        angles = angles / angles.abs().clamp(min=1e-8)
+        previous = rebuilt
+    return torch.istft(magnitude * angles, length=length, **stft)

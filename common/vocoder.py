@@ -574,6 +574,20 @@ def _read_config(path):
     return config
 
 
+def read_vocoder_mel_config(folder):
+    """The mel settings a vocoder export was trained on, from its config.json alone (no weights read): for
+    checking a chained model before any heavy work. ValueError naming the file and the problem."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise ValueError(f"{folder}: no such folder (a vocoder folder holds {CONFIG_NAME} and {WEIGHTS_NAME})")
+    config_path = folder / CONFIG_NAME
+    config = _read_config(config_path)
+    try:
+        return MelConfig.from_dict(config["mel"])
+    except (TypeError, ValueError) as err:
+        raise ValueError(f"{config_path}: mel: {err}") from None
+
+
 def load_vocoder(folder, device="cpu"):
     """The `Vocoder` exported to `folder` by `save_vocoder`, in eval mode on `device`. A missing or malformed file,
     or tensors that do not fit the config, raise ValueError naming the file and the problem."""

@@ -336,4 +336,74 @@ VOCODER = ScriptSpec(
     grad_norm_key="grad_norm/generator",
 )
 
-SCRIPTS = [IMAGE_VAE, RVQ, VOCODER]
+
+# ---------------------------------------------------------------------------------------------------------------
+# train_audio_vae.py (mel mode; the waveform mode is covered end to end in tests/test_train_audio_vae.py)
+
+AUDIO_VAE_TINY_MEL = ["--sample_rate", "8000", "--n_fft", "512", "--win_length", "512", "--hop_length", "128",
+                      "--n_mels", "24", "--fmax", "4000", "--segment_length", "2048"]
+
+
+def audio_vae_accumulation_probe(micro_batches, accumulation, max_grad_norm):
+    """One optimizer step of train_audio_vae's `train_step` in float64 over `micro_batches` of audio, mel mode,
+    GAN (group-normed PatchGAN), feature matching and KL on, posterior mean instead of a sample."""
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState, GradientState
+
+    import train_audio_vae as script
+    from common.audio_vae import PRESETS, AudioVAE, build_vae
+    from common.discriminators import build_image_discriminator
+    from common.optim import build_optimizer
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+    GradientState._reset_state()
+    args = script.build_parser().parse_args([
+        "--output_dir", "/tmp/unused", "--train_data_dir", ".", "--model", "mel-tiny",
+        *AUDIO_VAE_TINY_MEL, "--disc_layers", "2", "--disc_ndf", "8", "--disc_norm", "group", "--disc_start_step",
+        "0", "--kl_anneal_start", "0", "--kl_anneal_end", "0", "--kl_weight", "0.1", "--fm_weight", "0.5",
+        "--max_grad_norm", str(max_grad_norm), "--gradient_accumulation_steps", str(accumulation)])
+    args.multiscale_mel_weight = args.mrstft_weight = 0.0  # what check_args sets for the mel mode
+    torch.manual_seed(0)
+    vae = build_vae(PRESETS["mel-tiny"], 8, 8000).double()
+    disc = build_image_discriminator("patchgan", 1, 8, 2, "group").double()
+    features = AudioVAE(None, "mel", script.mel_config(args), -4.0, 2.0).double()
+    model = script.VAEForTraining(vae)
+    model.sample_posterior = False
+    opt_vae = build_optimizer("adamw", vae.parameters(), lr=1e-3)
+    opt_disc = build_optimizer("adamw", disc.parameters(), lr=1e-3, betas=(0.8, 0.99))
+    accelerator = Accelerator(cpu=True, gradient_accumulation_steps=accumulation)
+    model, disc_p, opt_vae, opt_disc = accelerator.prepare(model, disc, opt_vae, opt_disc)
+    grad_count = {name: 0 for name, _ in disc.named_parameters()}
+    for name, p in disc.named_parameters():
+        p.register_post_accumulate_grad_hook(lambda _, name=name: grad_count.__setitem__(name, grad_count[name] + 1))
+    disc_history, metrics = [{k: v.detach().clone() for k, v in disc.state_dict().items()}], []
+    for batch in micro_batches:
+        x = features.to_input(batch.double())
+        metrics.append(script.train_step(x, model, disc_p, None, opt_vae, opt_disc, accelerator, args, 0))
+        disc_history.append({k: v.detach().clone() for k, v in disc.state_dict().items()})
+    weights = {f"vae.{k}": v.detach().clone() for k, v in vae.state_dict().items()}
+    weights.update({f"disc.{k}": v for k, v in disc_history[-1].items()})
+    return weights, disc_history, grad_count, metrics
+
+
+AUDIO_VAE = ScriptSpec(
+    name="audio_vae",
+    script="train_audio_vae.py",
+    make_data=vocoder_data,
+    train_samples=40,
+    tiny=["--model", "mel-tiny", *AUDIO_VAE_TINY_MEL, "--disc_layers", "2", "--disc_ndf", "8", "--report_to", "none",
+          "--num_validation_files", "2", "--mixed_precision", "no", "--learning_rate", "1e-3", "--lr_warmup_steps",
+          "2", "--logging_steps", "1", "--dataloader_num_workers", "0", "--stall_timeout", "300",
+          "--kl_anneal_start", "2", "--kl_anneal_end", "10", "--latent_stats_num_segments", "8",
+          "--mel_norm_num_segments", "16"],
+    gan=lambda start: ["--disc_start_step", str(start)],
+    weights=("vae", "discriminator", "ema"),
+    optimizers=("vae", "disc"),
+    corrupt=audio_corruptions,
+    bigger_model=["--disc_ndf", "16"],
+    accumulation_probe=audio_vae_accumulation_probe,
+    probe_batch=vocoder_probe_batch,
+    grad_norm_key="grad_norm/vae",
+)
+
+SCRIPTS = [IMAGE_VAE, RVQ, VOCODER, AUDIO_VAE]

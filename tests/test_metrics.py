@@ -139,3 +139,24 @@ def test_pesq_wb_real_values():
     assert perfect > 4.4 and 1.0 <= degraded < perfect - 1.0
     batch = torch.stack([noisy, torch.zeros_like(clean)])
     assert pesq_wb(batch, torch.stack([clean, torch.zeros_like(clean)]), 22050) == pytest.approx(degraded)
+
+
+def test_latent_stats_equal_the_statistics_of_all_latents_at_once():
+    from common.metrics import LatentStats
+
+    g = torch.Generator().manual_seed(0)
+    batches = [torch.randn(4, 3, 5, 6, generator=g) * torch.tensor([1.0, 2.0, 0.5]).view(1, 3, 1, 1) + 0.3
+               for _ in range(3)]
+    stats = LatentStats()
+    for z in batches:
+        stats.add(z)
+    out = stats.summary()
+    every = torch.cat(batches).double()
+    assert out["shift_factor"] == pytest.approx(float(every.mean()))
+    assert out["scaling_factor"] == pytest.approx(1 / float(every.std(correction=0)))
+    per_channel = every.transpose(0, 1).flatten(1)
+    assert out["channel_mean"] == pytest.approx(per_channel.mean(1).tolist())
+    assert out["channel_std"] == pytest.approx(per_channel.std(1, correction=0).tolist())
+    assert out["latent_channels"] == 3 and out["num_values"] == 3 * 4 * 5 * 6
+    with pytest.raises(ValueError, match="no latents"):
+        LatentStats().summary()
