@@ -47,6 +47,10 @@ run vocoder_hifigan train_vocoder.py --config configs/vocoder_hifigan.yaml "${au
 run vocoder_v1_peer_shape train_vocoder.py --config configs/vocoder_hifigan.yaml "${audio[@]}" --model hifigan-v1
 run vocoder_dac train_vocoder.py --config configs/vocoder_dac.yaml "${audio[@]}"
 run vocoder_bigvgan train_vocoder.py --config configs/vocoder_bigvgan.yaml "${audio[@]}"
+run audio_vae_mel train_audio_vae.py --config configs/audio_vae_mel.yaml "${audio[@]}"
+run audio_vae_mel_channels_last train_audio_vae.py --config configs/audio_vae_mel.yaml "${audio[@]}" --channels_last
+run audio_vae_mel_compiled train_audio_vae.py --config configs/audio_vae_mel.yaml "${audio[@]}" --compile
+run audio_vae_waveform train_audio_vae.py --config configs/audio_vae_waveform.yaml "${audio[@]}"
 run rvq_base512 train_rvq.py --config configs/rvq_base512.yaml --data "$out/data/codes"
 run rvq_big1280 train_rvq.py --config configs/rvq_big1280.yaml --data "$out/data/codes"
 run rvq_nanogpt_peer_shape train_rvq.py --config configs/rvq_base512.yaml --data "$out/data/codes" --ctx 1024 \
