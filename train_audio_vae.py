@@ -38,7 +38,8 @@ from common.audio_vae import (DEFAULT_PRESET, MODES, PRESETS, AudioVAE, build_va
 from common.checkpoint import (Checkpoint, CheckpointError, commit_checkpoint, load_models, open_resume,
                                refuse_non_finite, restore_ema, restore_training_parts, save_training_parts,
                                start_checkpoint, training_state)
-from common.data import CorruptSampleTracker, ResumableBatchSampler, collate, has_any_file, infinite_batches
+from common.data import (CorruptSampleTracker, ResumableBatchSampler, collate, has_any_file, infinite_batches,
+                         loader_worker_init)
 from common.discriminators import build_audio_discriminator, build_image_discriminator
 from common.ema import EMA
 from common.losses import GAN_LOSSES, discriminator_loss, feature_matching_loss, generator_loss, kl_loss, kl_per_channel
@@ -676,6 +677,7 @@ def main(args):
         train_set, batch_sampler=sampler, collate_fn=collate, num_workers=args.dataloader_num_workers,
         pin_memory=device.type == "cuda", persistent_workers=args.dataloader_num_workers > 0,
         prefetch_factor=4 if args.dataloader_num_workers > 0 else None,
+        worker_init_fn=loader_worker_init,
         generator=torch.Generator().manual_seed(args.seed))
     per_frame = PRESETS[args.model].time_factor * (1 if args.mode == "waveform" else args.hop_length)
     clips = validation_clips(val_files, args.sample_rate, args.num_validation_files, args.validation_max_seconds,

@@ -34,7 +34,8 @@ from common.checkpoint import (Checkpoint, CheckpointError, commit_checkpoint, l
                                refuse_non_finite, restore_ema, restore_training_parts, save_training_parts,
                                start_checkpoint, training_state)
 from common.data import (IMAGE_EXTENSIONS, CorruptSampleTracker, FileImages, HFImages, ImageDataset,
-                         ResumableBatchSampler, collate, find_files, has_any_file, infinite_batches, split_holdout)
+                         ResumableBatchSampler, collate, find_files, has_any_file, infinite_batches, loader_worker_init,
+                         split_holdout)
 from common.discriminators import IMAGE_DISCRIMINATORS, build_image_discriminator
 from common.ema import EMA
 from common.losses import (GAN_LOSSES, LPIPS, adaptive_gan_weight, discriminator_loss, feature_matching_loss,
@@ -501,13 +502,17 @@ def main(args):
     # Data
     train_source, val_source = image_sources(args)
     train_set = ImageDataset(train_source, args.resolution, args.random_crop, args.random_flip, seed=args.seed)
-    sampler = ResumableBatchSampler(len(train_set), args.train_batch_size, accelerator.num_processes,
-                                    accelerator.process_index, args.seed)
+    try:
+        sampler = ResumableBatchSampler(len(train_set), args.train_batch_size, accelerator.num_processes,
+                                        accelerator.process_index, args.seed)
+    except ValueError as err:
+        raise SystemExit(f"--train_batch_size {args.train_batch_size}: {err}") from None
     # The loader gets its own generator: creating an iterator draws a seed from it, and drawing that from the
     # global RNG would shift the training noise of a resumed run (augmentation has its own seeds, see common/data).
     loader = torch.utils.data.DataLoader(
         train_set, batch_sampler=sampler, collate_fn=collate, num_workers=args.dataloader_num_workers,
         pin_memory=device.type == "cuda", persistent_workers=args.dataloader_num_workers > 0,
+        worker_init_fn=loader_worker_init,
         generator=torch.Generator().manual_seed(args.seed))
     val_images = fixed_images(val_source, args.resolution, args.num_validation_images).to(device)
     steps_per_epoch = max(1, sampler.batches_per_epoch // args.gradient_accumulation_steps)

@@ -42,7 +42,8 @@ from common.args import (ArgumentParser, add_ema_args, add_optimizer_args, add_r
 from common.checkpoint import (Checkpoint, CheckpointError, checkpoint_dirs, commit_checkpoint, load_models,
                                open_resume, refuse_non_finite, restore_ema, restore_training_parts,
                                save_training_parts, start_checkpoint, training_state)
-from common.data import CorruptSample, CorruptSampleTracker, ResumableBatchSampler, infinite_batches, split_holdout
+from common.data import (CorruptSample, CorruptSampleTracker, ResumableBatchSampler, infinite_batches,
+                         loader_worker_init, split_holdout)
 from common.ema import EMA
 from common.optim import build_optimizer, build_scheduler, observe_plateau
 from common.perf import DryRun, FlopCount, Throughput, peak_bf16_flops
@@ -854,13 +855,17 @@ def main(args):
     if not len(val_windows):
         raise SystemExit(f"--ctx {args.ctx}: every validation file is shorter than ctx + 1 frames; lower --ctx or "
                          f"hold out longer files")
-    sampler = ResumableBatchSampler(len(train_set), args.train_batch_size, accelerator.num_processes,
-                                    accelerator.process_index, args.seed)
+    try:
+        sampler = ResumableBatchSampler(len(train_set), args.train_batch_size, accelerator.num_processes,
+                                        accelerator.process_index, args.seed)
+    except ValueError as err:
+        raise SystemExit(f"--train_batch_size {args.train_batch_size}: {err}") from None
     workers = args.dataloader_num_workers
     loader = torch.utils.data.DataLoader(
         train_set, batch_sampler=sampler, collate_fn=collate_windows, num_workers=workers,
         pin_memory=device.type == "cuda", persistent_workers=workers > 0,
-        prefetch_factor=args.prefetch_factor if workers else None, generator=torch.Generator().manual_seed(args.seed))
+        prefetch_factor=args.prefetch_factor if workers else None, worker_init_fn=loader_worker_init,
+        generator=torch.Generator().manual_seed(args.seed))
     steps_per_epoch = max(1, sampler.batches_per_epoch // args.gradient_accumulation_steps)
     max_steps = args.num_train_epochs * steps_per_epoch if args.num_train_epochs else args.max_train_steps
     entropy = unigram_entropy(train_files, K, V)

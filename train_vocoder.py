@@ -39,7 +39,8 @@ from common.audio import (AUDIO_EXTENSIONS, AudioSegments, save_audio, train_and
 from common.checkpoint import (Checkpoint, CheckpointError, commit_checkpoint, load_models, open_resume,
                                refuse_non_finite, restore_ema, restore_training_parts, save_training_parts,
                                start_checkpoint, training_state)
-from common.data import CorruptSampleTracker, ResumableBatchSampler, collate, has_any_file, infinite_batches
+from common.data import (CorruptSampleTracker, ResumableBatchSampler, collate, has_any_file, infinite_batches,
+                         loader_worker_init)
 from common.discriminators import AUDIO_DISCRIMINATORS, build_audio_discriminator
 from common.ema import EMA
 from common.losses import GAN_LOSSES, discriminator_loss, feature_matching_loss, generator_loss
@@ -485,12 +486,16 @@ def main(args):
                                                         args.num_validation_files, args.seed)
     train_set = AudioSegments(train_files, args.sample_rate, args.segment_length, seed=args.seed,
                               min_fraction=args.min_segment_fraction)
-    sampler = ResumableBatchSampler(len(train_set), args.train_batch_size, accelerator.num_processes,
-                                    accelerator.process_index, args.seed)
+    try:
+        sampler = ResumableBatchSampler(len(train_set), args.train_batch_size, accelerator.num_processes,
+                                        accelerator.process_index, args.seed)
+    except ValueError as err:
+        raise SystemExit(f"--train_batch_size {args.train_batch_size}: {err}") from None
     loader = torch.utils.data.DataLoader(
         train_set, batch_sampler=sampler, collate_fn=collate, num_workers=args.dataloader_num_workers,
         pin_memory=device.type == "cuda", persistent_workers=args.dataloader_num_workers > 0,
         prefetch_factor=4 if args.dataloader_num_workers > 0 else None,
+        worker_init_fn=loader_worker_init,
         generator=torch.Generator().manual_seed(args.seed))
     clips = validation_clips(val_files, args.sample_rate, args.num_validation_files, args.validation_max_seconds,
                              args.hop_length, args.n_fft, logger.warning)

@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
 # The runs behind README.md's train_audio_vae.py result on real speech, on one GPU.
 #
-#   bash benchmarks/gpu_audio_vae.sh vocoder OUT SECONDS   # a vocoder for listening: train_vocoder.py's default
-#                                                          # recipe on data/speech, stopped (SIGTERM) after SECONDS and
-#                                                          # exported from its last checkpoint to OUT/vocoder
+#   bash benchmarks/gpu_audio_vae.sh vocoder OUT SECONDS   # a vocoder for listening: train_vocoder.py's recipe with
+#                                                          # the small HiFi-GAN V3 generator (MODEL=...) on data/speech,
+#                                                          # stopped (SIGTERM) after SECONDS, exported to OUT/vocoder
 #   bash benchmarks/gpu_audio_vae.sh speech OUT STEPS VOC  # the mel recipe on data/speech with --vocoder VOC
 #
 # Data: ../shared/tools/build-datasets data --only speech  (22.05 kHz FLAC, 25 minutes; utterances of 0.5-16 s, median
@@ -18,7 +18,7 @@ speech=(--train_data_dir data/speech/train --validation_data_dir data/speech/val
 case $what in
   vocoder)
     timeout -s TERM "$3" python3 train_vocoder.py --config configs/vocoder_hifigan.yaml "${speech[@]}" \
-      --output_dir "$out/vocoder_run" --num_validation_files 4 --report_to none --dataloader_num_workers 8 \
+      --model "${MODEL:-hifigan-v3}" --output_dir "$out/vocoder_run" --num_validation_files 4 --report_to none --dataloader_num_workers 8 \
       --checkpointing_steps 100000 --validation_steps 100000 --logging_steps 100 > "$out/vocoder.log" 2>&1 || true
     last=$(ls -d "$out"/vocoder_run/checkpoint-* | sort -V | tail -1)
     python3 train_vocoder.py --export_checkpoint "$last" --output_dir "$out/vocoder"

@@ -11,6 +11,7 @@
 import json
 import logging
 import os
+import signal
 from collections import Counter
 from pathlib import Path
 
@@ -274,6 +275,14 @@ class ResumableBatchSampler:
         for b in range(start, self.batches_per_epoch):
             first = b * self.global_batch + self.rank * self.batch_size
             yield [(epoch, int(i)) for i in order[first:first + self.batch_size]]
+
+
+def loader_worker_init(worker_id):
+    """DataLoader `worker_init_fn`: workers ignore SIGTERM. Schedulers (SLURM, Kubernetes, `timeout`) often signal
+    the whole process group; a worker that died of it would end the run with "DataLoader worker killed" before the
+    main process, which received the same signal, could checkpoint and exit. Workers still end with the run: the
+    main process shuts them down, and they exit on their own when it is gone."""
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
 def infinite_batches(loader, sampler, epoch, batch_in_epoch):

@@ -95,3 +95,29 @@ def test_demo_metadata_and_holdout(tmp_path):
     train, held = split_holdout(list(range(10)), 3, seed=0)
     assert len(held) == 3 and sorted(train + held) == list(range(10))
     assert split_holdout(list(range(10)), 3, seed=0) == (train, held)
+
+
+def test_loader_workers_outlive_a_sigterm_sent_to_the_process_group():
+    """A scheduler's SIGTERM often reaches every process of the group: the workers must not die of it (the main
+    process checkpoints and shuts them down itself)."""
+    import os
+    import signal
+
+    from common.data import loader_worker_init
+
+    class Pids(torch.utils.data.Dataset):
+        def __len__(self):
+            return 64
+
+        def __getitem__(self, i):
+            return torch.tensor([os.getpid(), i])
+
+    loader = torch.utils.data.DataLoader(Pids(), batch_size=4, num_workers=2, worker_init_fn=loader_worker_init,
+                                         persistent_workers=True)
+    batches = iter(loader)
+    pids = {int(p) for p in next(batches)[:, 0]} | {int(p) for p in next(batches)[:, 0]}
+    assert len(pids) == 2 and os.getpid() not in pids
+    for pid in pids:
+        os.kill(pid, signal.SIGTERM)
+    rest = list(batches)  # the epoch completes: no "DataLoader worker killed by signal: Terminated"
+    assert len(rest) == 14 and {int(p) for b in rest for p in b[:, 0]} == pids
