@@ -7,6 +7,7 @@ and writes an output of each under demo_out/. Nothing is downloaded.
 image VAE: demo_out/image_vae/samples/reconstruction_*.png (originals above, reconstructions below),
            metrics.jsonl, and the exported diffusers AutoencoderKL with latent_stats.json.
 vocoder:   demo_out/vocoder/samples/step-*/ (real and resynthesised clips, spectrograms real | generated), the export.
+audio VAE: demo_out/audio_vae/samples/step-*/ (mels real | reconstructed, clips through the demo vocoder), the export.
 RVQ LM:    demo_out/rvq/samples/continuation_*.codes.safetensors (a generated continuation of held-out codes),
            metrics.jsonl (held-out cross-entropy per codebook), the export and `train_rvq.py doctor`'s report.
 """
@@ -62,6 +63,16 @@ def main():
     print(f"  clips and spectrograms: {last}; resynthesise any file with")
     print(f"  python -m common.vocoder --vocoder {out / 'vocoder'} --input {sorted(audio.glob('*.wav'))[0]} "
           f"--output resynthesised.wav")
+
+    seconds = run("train_audio_vae.py", "--config", ROOT / "configs/demo/audio_vae.yaml", "--train_data_dir", audio,
+                  "--output_dir", out / "audio_vae", "--vocoder", out / "vocoder", "--resume_from_checkpoint", "none")
+    val = last_values(out / "audio_vae" / "metrics.jsonl", "val/")
+    stats = json.loads((out / "audio_vae" / "latent_stats.json").read_text())
+    print(f"\naudio VAE ({seconds / 60:.1f} min): held-out mel L1 {val['val/mel_l1']:.3f}, KL {val['val/kl']:.3f} nats, "
+          f"latent {stats['latent_shape_per_segment']} per {stats['segment_samples']} samples")
+    print(f"  spectrograms (real | reconstructed) and clips through the vocoder: "
+          f"{sorted((out / 'audio_vae' / 'samples').glob('step-*'))[-1]}")
+    print(f"  export: {out / 'audio_vae'} (diffusers AutoencoderKL + audio_vae.json + latent_stats.json)")
 
     train = make_demo_codes(out / "data" / "codes" / "train", num_files=24, seed=0)
     held_out = make_demo_codes(out / "data" / "codes" / "validation", num_files=4, seed=1)
