@@ -15,7 +15,6 @@ in Python, `common.audio_vae.load_audio_vae("out/audio_vae")`. Export any checkp
 
 import argparse
 import json
-import os
 from contextlib import nullcontext
 from pathlib import Path
 
@@ -28,18 +27,16 @@ from accelerate.utils import set_seed
 from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
-from common.args import (ArgumentParser, add_ema_args, add_mel_args, add_optimizer_args, add_run_args, fraction,
-                         mel_config, non_negative_float, non_negative_int, optimizer_kwargs, parse_args_with_config,
-                         positive_float, positive_int)
-from common.audio import (AUDIO_EXTENSIONS, AudioSegments, save_audio, train_and_validation_files,
-                          validation_clips)
+from common.args import (ArgumentParser, add_ema_args, add_mel_args, add_optimizer_args, add_run_args,
+                         check_audio_data_args, fraction, mel_config, non_negative_float, non_negative_int,
+                         optimizer_kwargs, parse_args_with_config, positive_float, positive_int)
+from common.audio import AudioSegments, save_audio, train_and_validation_files, validation_clips
 from common.audio_vae import (DEFAULT_PRESET, MODES, PRESETS, AudioVAE, build_vae, fresh_copy, save_audio_vae,
                               vae_class)
 from common.checkpoint import (Checkpoint, CheckpointError, commit_checkpoint, load_models, open_resume,
                                refuse_non_finite, restore_ema, restore_training_parts, save_training_parts,
                                start_checkpoint, training_state)
-from common.data import (CorruptSampleTracker, ResumableBatchSampler, collate, has_any_file, infinite_batches,
-                         loader_worker_init)
+from common.data import CorruptSampleTracker, ResumableBatchSampler, collate, infinite_batches, loader_worker_init
 from common.discriminators import build_audio_discriminator, build_image_discriminator
 from common.ema import EMA
 from common.losses import GAN_LOSSES, discriminator_loss, feature_matching_loss, generator_loss, kl_loss, kl_per_channel
@@ -178,18 +175,7 @@ def check_args(parser, args):
         parser.error("--output_dir is required")
     if args.export_checkpoint:
         return
-    if not args.train_data_dir:
-        parser.error("--train_data_dir is required (a folder of audio files)")
-    for flag in ("train_data_dir", "validation_data_dir"):
-        folder = getattr(args, flag)
-        if folder and not os.path.isdir(folder):
-            parser.error(f"--{flag} {folder}: no such folder")
-        if folder and not has_any_file(folder, AUDIO_EXTENSIONS):
-            parser.error(f"--{flag} {folder}: contains no audio ({', '.join(sorted(AUDIO_EXTENSIONS))})")
-    try:
-        mel = mel_config(args)
-    except ValueError as err:
-        parser.error(f"mel settings: {err}")
+    mel = check_audio_data_args(parser, args)
     waveform = args.mode == "waveform"
     args.model = args.model or DEFAULT_PRESET[args.mode]
     preset = PRESETS[args.model]

@@ -19,7 +19,6 @@ import argparse
 import copy
 import json
 import math
-import os
 from contextlib import nullcontext
 from pathlib import Path
 
@@ -31,16 +30,14 @@ from accelerate.utils import set_seed
 from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
-from common.args import (ArgumentParser, add_ema_args, add_mel_args, add_optimizer_args, add_run_args, fraction,
-                         mel_config, non_negative_float, non_negative_int, optimizer_kwargs, parse_args_with_config,
-                         positive_float, positive_int)
-from common.audio import (AUDIO_EXTENSIONS, AudioSegments, save_audio, train_and_validation_files,
-                          validation_clips)
+from common.args import (ArgumentParser, add_ema_args, add_mel_args, add_optimizer_args, add_run_args,
+                         check_audio_data_args, fraction, mel_config, non_negative_float, non_negative_int,
+                         optimizer_kwargs, parse_args_with_config, positive_float, positive_int)
+from common.audio import AudioSegments, save_audio, train_and_validation_files, validation_clips
 from common.checkpoint import (Checkpoint, CheckpointError, commit_checkpoint, load_models, open_resume,
                                refuse_non_finite, restore_ema, restore_training_parts, save_training_parts,
                                start_checkpoint, training_state)
-from common.data import (CorruptSampleTracker, ResumableBatchSampler, collate, has_any_file, infinite_batches,
-                         loader_worker_init)
+from common.data import CorruptSampleTracker, ResumableBatchSampler, collate, infinite_batches, loader_worker_init
 from common.discriminators import AUDIO_DISCRIMINATORS, build_audio_discriminator
 from common.ema import EMA
 from common.losses import GAN_LOSSES, discriminator_loss, feature_matching_loss, generator_loss
@@ -157,18 +154,7 @@ def check_args(parser, args):
         parser.error("--output_dir is required")
     if args.export_checkpoint:
         return
-    if not args.train_data_dir:
-        parser.error("--train_data_dir is required (a folder of audio files)")
-    for flag in ("train_data_dir", "validation_data_dir"):
-        folder = getattr(args, flag)
-        if folder and not os.path.isdir(folder):
-            parser.error(f"--{flag} {folder}: no such folder")
-        if folder and not has_any_file(folder, AUDIO_EXTENSIONS):
-            parser.error(f"--{flag} {folder}: contains no audio ({', '.join(sorted(AUDIO_EXTENSIONS))})")
-    try:
-        mel = mel_config(args)
-    except ValueError as err:
-        parser.error(f"mel settings: {err}")
+    mel = check_audio_data_args(parser, args)
     if args.segment_length % args.hop_length:
         parser.error(f"--segment_length {args.segment_length} is not a multiple of --hop_length {args.hop_length} "
                      f"(try {max(1, args.segment_length // args.hop_length) * args.hop_length})")

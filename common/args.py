@@ -283,6 +283,26 @@ def mel_config(args):
                      win_length=args.win_length, n_mels=args.n_mels, fmin=args.fmin, fmax=args.fmax, log=args.mel_log)
 
 
+def check_audio_data_args(parser, args):
+    """The audio scripts' shared checks, one line each through `parser.error`: --train_data_dir given, the data
+    folders exist and hold audio, and the mel flags form a valid configuration, which is returned."""
+    from common.audio import AUDIO_EXTENSIONS
+    from common.data import has_any_file
+
+    if not args.train_data_dir:
+        parser.error("--train_data_dir is required (a folder of audio files)")
+    for flag in ("train_data_dir", "validation_data_dir"):
+        folder = getattr(args, flag)
+        if folder and not os.path.isdir(folder):
+            parser.error(f"--{flag} {folder}: no such folder")
+        if folder and not has_any_file(folder, AUDIO_EXTENSIONS):
+            parser.error(f"--{flag} {folder}: contains no audio ({', '.join(sorted(AUDIO_EXTENSIONS))})")
+    try:
+        return mel_config(args)
+    except ValueError as err:
+        parser.error(f"mel settings: {err}")
+
+
 def add_ema_args(parser, *, decay, power):
     g = parser.add_argument_group("EMA")
     g.add_argument("--use_ema", action=argparse.BooleanOptionalAction, default=True,
