@@ -155,3 +155,55 @@ def make_demo_audio(out_dir, num_files=24, seconds=1.0, sample_rate=22050, seed=
         lines.append(json.dumps({"file_name": name, "text": "a few notes"}))
     meta.write_text("\n".join(lines) + "\n")
     return out
+
+
+DEMO_WORDS = ("a", "and", "small", "on", "to", "background", "gradient", "striped", "plain", "an", "of", "with")
+
+
+def make_demo_text_encoder(out_dir, hidden_size=64, layers=2, seed=0):
+    """A small randomly initialised BERT text encoder whose vocabulary holds every word of the demo captions,
+    saved with its tokenizer as a Hugging Face folder (`--text_encoder hf:PATH`): the demo's stand-in for CLIP,
+    which cannot be downloaded offline. Random weights still give each caption its own embedding, so a diffusion
+    model can learn to follow it. Returns the path."""
+    from transformers import BertConfig, BertModel, BertTokenizer
+
+    out = Path(out_dir)
+    if (out / "config.json").exists():
+        return out
+    words = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *DEMO_WORDS, *COLORS, *SHAPES]
+    tokenizer = BertTokenizer(vocab={w: i for i, w in enumerate(dict.fromkeys(words))})
+    torch.manual_seed(seed)
+    model = BertModel(BertConfig(vocab_size=len(tokenizer), hidden_size=hidden_size, num_hidden_layers=layers,
+                                 num_attention_heads=max(1, hidden_size // 32), intermediate_size=hidden_size * 2,
+                                 max_position_embeddings=128))
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    return out
+
+
+def make_demo_vae(out_dir, latent_channels=4, block_out_channels=(16, 32), layers_per_block=1, seed=0):
+    """A small randomly initialised diffusers AutoencoderKL (downsampling 2 ** (len(block_out_channels) - 1)) saved
+    as a folder, for tests of the latent diffusion script where no trained VAE is at hand. Returns the path."""
+    from diffusers import AutoencoderKL
+
+    out = Path(out_dir)
+    if (out / "config.json").exists():
+        return out
+    torch.manual_seed(seed)
+    n = len(block_out_channels)
+    vae = AutoencoderKL(in_channels=3, out_channels=3, latent_channels=latent_channels,
+                        down_block_types=("DownEncoderBlock2D",) * n, up_block_types=("UpDecoderBlock2D",) * n,
+                        block_out_channels=tuple(block_out_channels), layers_per_block=layers_per_block,
+                        norm_num_groups=8 if block_out_channels[0] < 32 else 32)
+    with torch.no_grad():
+        # A trained VAE's posterior is narrow (std ~0.01-0.1); a random one's is ~1, which would bury the image
+        # under sampling noise. Narrow it, then shift and scale latents to zero mean and unit variance on demo
+        # images, as latent_stats.json would.
+        vae.quant_conv.bias[latent_channels:] -= 6.0  # log-variance: std ~0.05
+        rng = np.random.default_rng(seed)
+        images = torch.stack([torch.from_numpy(np.asarray(demo_image(rng, 32)[0], dtype=np.float32) / 127.5 - 1)
+                              .permute(2, 0, 1) for _ in range(16)])
+        z = vae.encode(images).latent_dist.sample()
+    vae.register_to_config(scaling_factor=1.0 / z.std().item(), shift_factor=z.mean().item())
+    vae.save_pretrained(out, safe_serialization=True)
+    return out
