@@ -36,11 +36,14 @@ run() {
 }
 rm -f "$out/commands.txt"
 run dit45m_cache --cache_dir "$out/cache"
-run dit45m_cache_compiled --cache_dir "$out/cache" --compile
+run dit45m_cache_compiled --cache_dir "$out/cache" --compile                 # CUDA graphs (reduce-overhead)
+run dit45m_cache_compiled_default --cache_dir "$out/cache" --compile --compile_mode default
+run dit45m_cache_compiled_b128 --cache_dir "$out/cache" --compile --train_batch_size 128
 run unet45m_cache --cache_dir "$out/cache" --model unet-45m
 run unet45m_cache_channels_last --cache_dir "$out/cache" --model unet-45m --channels_last
 run unet45m_cache_compiled --cache_dir "$out/cache" --model unet-45m --compile
-run dit45m_no_cache
+run unet45m_cache_compiled_channels_last --cache_dir "$out/cache" --model unet-45m --compile --channels_last
+run dit45m_no_cache                                  # VAE and CLIP in the loop, as diffusers' example runs them
 python3 - "$out" <<'PY'
 import json, sys
 from pathlib import Path

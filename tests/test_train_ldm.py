@@ -232,3 +232,34 @@ def test_bad_input_stops_with_one_line(parts, tmp_path, extra, message):
 def test_help_documents_every_flag():
     parser = script.build_parser()
     assert not [a.option_strings for a in parser._actions if a.dest != "help" and not a.help]
+
+
+def test_text_to_audio_over_a_mel_audio_vae(tmp_path):
+    """Audio mode: a (random) mel audio VAE export, captioned clips; samples become clips and spectrograms, heard
+    through Griffin-Lim when no vocoder is given (and marked so)."""
+    from common.audio_vae import PRESETS, build_vae, save_audio_vae
+    from common.demo_data import make_demo_audio
+    from common.spectral import MelConfig
+
+    mel = MelConfig(sample_rate=8000, n_fft=512, hop_length=128, win_length=512, n_mels=16, fmax=4000.0)
+    torch.manual_seed(0)
+    vae = build_vae(PRESETS["mel-tiny"], 4, mel.sample_rate)  # 4x in time and frequency
+    save_audio_vae(tmp_path / "audio_vae", vae, "mel", mel, -4.0, 2.0, {"scaling_factor": 1.5, "shift_factor": 0.1})
+    audio = make_demo_audio(tmp_path / "clips", num_files=12, seconds=1.0, sample_rate=8000, seed=0)
+    text = "hf:" + str(make_demo_text_encoder(tmp_path / "text", 32, 1))
+    out = tmp_path / "run"
+    run("train_ldm.py", "--train_data_dir", audio, "--vae", tmp_path / "audio_vae", "--text_encoder", text,
+        "--output_dir", out, *TINY, "--audio_seconds", "0.5", "--train_batch_size", "4", "--max_train_steps", "3",
+        "--validation_steps", "3", "--cache_dir", tmp_path / "cache", "--validation_prompts", "a few notes")
+    config = json.loads((out / "ldm_config.json").read_text())
+    assert config["kind"] == "audio" and config["latent_shape"] == [4, 4, 8]  # 0.5 s -> 8 frames of 4 x 128 samples
+    assert np.load(tmp_path / "cache" / "shard_00000" / "mean.npy").shape == (8, 1, 4, 4, 8)  # one crop, no flips
+    clips = sorted((out / "samples").glob("step_0000003_*_griffinlim.wav"))
+    assert len(clips) == 2 and (out / "samples" / "step_0000003_mel.png").is_file()
+    import soundfile as sf
+
+    wave, rate = sf.read(clips[0])
+    assert rate == 8000 and len(wave) > 3000
+    gen = tmp_path / "gen"
+    run("train_ldm.py", "generate", "--model", out, "--output", gen, "--prompt", "a few notes")
+    assert len(list(gen.glob("grid_*_griffinlim.wav"))) == 1
