@@ -330,6 +330,17 @@ def build_parser():
     g.add_argument("--num_validation_seeds", type=positive_int, default=2,
                    help="Samples per validation prompt, from seeds validation_seed, validation_seed+1, ...")
     g.add_argument("--validation_seed", type=int, default=0, help="First seed of the validation samples.")
+    g.add_argument("--reference_dir", type=str, default=None,
+                   help="Images to compare samples with: FID and Inception Score of --num_metric_samples samples at "
+                        "every validation (and CLIP score with --clip_score_model). Reference statistics are cached.")
+    g.add_argument("--num_metric_samples", type=positive_int, default=256,
+                   help="Samples for FID / IS / CLIP score, conditioned on training and held-out captions in turn.")
+    g.add_argument("--inception_weights", type=str, default="imagenet", choices=["imagenet", "random"],
+                   help="FID / IS network: torchvision's ImageNet Inception-v3 (downloaded once); 'random' only for "
+                        "tests. Figures compare runs of this script, not papers (which use the TF Inception graph).")
+    g.add_argument("--clip_score_model", type=str, default=None,
+                   help="open_clip MODEL:PRETRAINED (e.g. ViT-L-14:laion2b_s32b_b82k) or CONFIG.json:WEIGHTS for "
+                        "the CLIP score of samples against their captions (text mode).")
     g.add_argument("--holdout_timesteps", type=int, nargs="+", default=[100, 300, 500, 700, 900],
                    help="Timesteps (of 1000) of the held-out validation loss.")
 
@@ -386,6 +397,10 @@ def check_args(parser, args):
                      f"flow; ddim and dpmpp_2m for the discrete objectives)")
     if any(not 0 <= t < 1000 for t in args.holdout_timesteps):
         parser.error(f"--holdout_timesteps {args.holdout_timesteps}: each must be in [0, 1000)")
+    if args.reference_dir and not has_any_file(args.reference_dir, IMAGE_EXTENSIONS):
+        parser.error(f"--reference_dir {args.reference_dir}: no such folder, or it holds no images")
+    if args.clip_score_model and args.conditioning != "text":
+        parser.error("--clip_score_model needs --conditioning text (it scores samples against their captions)")
     if args.vocoder and not os.path.isdir(args.vocoder):
         parser.error(f"--vocoder {args.vocoder}: no such folder")
     if args.use_8bit_adam:
@@ -991,8 +1006,61 @@ def write_samples(decoded, latent_space, vocoder, labels, folder, prefix, accele
             log_audio(accelerator, f"val/audio_{n}{mark}", wave, audio.sample_rate, step)
 
 
+class SampleMetrics:
+    """FID and Inception Score of generated images against --reference_dir (common/image_metrics.py), and the CLIP
+    score of each sample against its caption with an open_clip model."""
+
+    def __init__(self, args, device):
+        from common.image_metrics import InceptionFeatures, ReferenceStats
+
+        self.inception = InceptionFeatures("DEFAULT" if args.inception_weights == "imagenet" else None).to(device)
+        self.reference = ReferenceStats(Path(args.output_dir) / "fid_reference").get(
+            args.reference_dir, self.inception, resolution=args.resolution, device=device)
+        self.clip = self.tokenizer = None
+        if args.clip_score_model:
+            import open_clip
+
+            name, _, pretrained = args.clip_score_model.partition(":")
+            if name.endswith(".json"):  # a config file of one's own, as common/text_encoders.py accepts
+                open_clip.add_model_config(name)
+                name = Path(name).stem
+            self.clip = open_clip.create_model(name, pretrained=pretrained or None).to(device).eval()
+            self.tokenizer = open_clip.get_tokenizer(name)
+            cfg = open_clip.get_model_preprocess_cfg(self.clip)
+            self.clip_size, self.clip_mean, self.clip_std = cfg["size"], cfg["mean"], cfg["std"]
+
+    @torch.no_grad()
+    def __call__(self, images, captions):
+        """images (N, 3, H, W) in [-1, 1] on the metric device; captions: N strings (or None)."""
+        from common.image_metrics import clip_score, feature_stats, frechet_distance, inception_score
+
+        features, logits = zip(*(self.inception(x) for x in images.split(64)))
+        features, logits = torch.cat(features), torch.cat(logits)
+        out = {"val/fid": frechet_distance(*feature_stats(features.cpu()), *self.reference),
+               "val/inception_score": inception_score(logits.cpu())[0]}
+        if self.clip is not None:
+            x = F.interpolate((images + 1) / 2, size=tuple(self.clip_size), mode="bicubic", align_corners=False)
+            mean, std = (torch.tensor(v, device=x.device).view(1, 3, 1, 1) for v in (self.clip_mean, self.clip_std))
+            image_features = self.clip.encode_image((x.clamp(0, 1) - mean) / std)
+            text_features = self.clip.encode_text(self.tokenizer(list(captions)).to(x.device))
+            out["val/clip_score"] = clip_score(image_features.float(), text_features.float()).mean().item()
+        return out
+
+
 @torch.no_grad()
-def validate(model, val, holdout, schedule, latent_space, vocoder, args, step, accelerator):
+def metric_samples(model, val, schedule, latent_space, args):
+    """--num_metric_samples decoded samples (seeds 100000 + i), for SampleMetrics."""
+    images, n, device = [], args.num_metric_samples, val["device"]
+    for lo in range(0, n, 64):
+        index = torch.arange(lo, min(n, lo + 64), device=device)
+        cond = take(val["metric_cond"], index % val["metric_count"])
+        latents = generate_latents(model, cond, (100000 + index).tolist(), val["latent_shape"], schedule, args, device)
+        images.append(latent_space.decode(latents).float())
+    return torch.cat(images)
+
+
+@torch.no_grad()
+def validate(model, val, holdout, schedule, latent_space, vocoder, args, step, accelerator, sample_metrics=None):
     """Held-out loss at fixed timesteps, then samples of the fixed validation conditions and seeds from the
     evaluation (EMA) weights, saved to samples/ and logged. The last one's latents and decoded samples are kept in
     samples/last_validation.safetensors (the export reproduces them)."""
@@ -1008,6 +1076,9 @@ def validate(model, val, holdout, schedule, latent_space, vocoder, args, step, a
     save_file({"latents": latents.float().cpu().contiguous(), "decoded": decoded.contiguous()},
               folder / "last_validation.safetensors", metadata={"step": str(step), "labels": json.dumps(val["labels"])})
     metrics["val/latent_std"] = latents.float().std().item()
+    if sample_metrics is not None:
+        captions = [val["metric_captions"][i % val["metric_count"]] for i in range(args.num_metric_samples)]
+        metrics.update(sample_metrics(metric_samples(model, val, schedule, latent_space, args), captions))
     return metrics
 
 
@@ -1332,6 +1403,22 @@ def main(args):
                                                  train_items.class_names, device)
     val = {"cond": val_cond, "labels": val_labels, "count": len(val_labels), "latent_shape": latent_shape,
            "device": device}
+    sample_metrics = None
+    if args.reference_dir and accelerator.is_main_process:
+        if kind != "image":
+            raise SystemExit("--reference_dir (FID / IS / CLIP score) is for images")
+        captions = (holdout_items.captions + train_items.captions)[:args.num_metric_samples]
+        if args.conditioning == "text":
+            context, mask = text_encoder.encode([args.prompt_prefix + c for c in captions], device)
+            val["metric_cond"] = {"context": context.float(), "mask": mask.bool()}
+        elif args.conditioning == "class":
+            val["metric_cond"] = {"label": torch.arange(args.num_metric_samples, device=device)
+                                  % len(train_items.class_names)}
+        else:
+            val["metric_cond"] = {"batch": 1}
+        val["metric_count"] = len(next(iter(val["metric_cond"].values()))) if args.conditioning != "none" else 1
+        val["metric_captions"] = captions if args.conditioning == "text" else [None] * args.num_metric_samples
+        sample_metrics = SampleMetrics(args, device)
     if args.cache_dir:  # training reads the cache: the encoders leave the GPU (the VAE returns to decode samples)
         text_encoder = None
         latent_space.cpu()
@@ -1464,7 +1551,7 @@ def main(args):
                 (ema.copy_to(model_eval) if ema is not None else model_eval.load_state_dict(model.state_dict()))
                 latent_space.to(device)
                 val_metrics = validate(model_eval, val, holdout, schedule, latent_space, vocoder, args, global_step,
-                                       accelerator)
+                                       accelerator, sample_metrics)
                 if args.cache_dir:
                     latent_space.cpu()
                 accelerator.log(val_metrics, step=global_step)

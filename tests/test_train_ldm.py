@@ -263,3 +263,24 @@ def test_text_to_audio_over_a_mel_audio_vae(tmp_path):
     gen = tmp_path / "gen"
     run("train_ldm.py", "generate", "--model", out, "--output", gen, "--prompt", "a few notes")
     assert len(list(gen.glob("grid_*_griffinlim.wav"))) == 1
+
+
+def test_fid_inception_score_and_clip_score_against_a_reference_folder(parts, tmp_path):
+    """The metric code path with stand-in weights: a random Inception-v3 and a tiny random open_clip CLIP."""
+    from open_clip.model import CLIP
+    from safetensors.torch import save_file
+
+    clip_cfg = {"embed_dim": 16, "vision_cfg": {"image_size": 32, "layers": 1, "width": 32, "patch_size": 16,
+                                                "head_width": 16},
+                "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1}}
+    (tmp_path / "tiny-clip-score.json").write_text(json.dumps(clip_cfg))
+    torch.manual_seed(0)
+    save_file(CLIP(**clip_cfg).state_dict(), str(tmp_path / "clip.safetensors"))
+    out = tmp_path / "run"
+    run("train_ldm.py", *flags(parts, out, "--max_train_steps", "2", "--validation_steps", "2",
+                               "--reference_dir", parts["images"], "--inception_weights", "random",
+                               "--num_metric_samples", "6",
+                               "--clip_score_model", f"{tmp_path / 'tiny-clip-score.json'}:{tmp_path / 'clip.safetensors'}"))
+    val = [m for m in read_metrics(out / "metrics.jsonl") if "val/fid" in m][-1]
+    assert val["val/fid"] > 0 and val["val/inception_score"] >= 1.0 and 0 <= val["val/clip_score"] <= 100
+    assert len(list((out / "fid_reference").glob("fid_reference_*.npz"))) == 1
