@@ -6,6 +6,7 @@ and writes an output of each under demo_out/. Nothing is downloaded.
 
 image VAE: demo_out/image_vae/samples/reconstruction_*.png (originals above, reconstructions below),
            metrics.jsonl, and the exported diffusers AutoencoderKL with latent_stats.json.
+LDM:       demo_out/ldm/samples/step_*.png (samples for held-out captions, one row per seed), the export.
 vocoder:   demo_out/vocoder/samples/step-*/ (real and resynthesised clips, spectrograms real | generated), the export.
 audio VAE: demo_out/audio_vae/samples/step-*/ (mels real | reconstructed, clips through the demo vocoder), the export.
 RVQ LM:    demo_out/rvq/samples/continuation_*.codes.safetensors (a generated continuation of held-out codes),
@@ -19,7 +20,7 @@ import sys
 import time
 from pathlib import Path
 
-from common.demo_data import make_demo_audio, make_demo_codes, make_demo_images
+from common.demo_data import make_demo_audio, make_demo_codes, make_demo_images, make_demo_text_encoder
 
 ROOT = Path(__file__).resolve().parent
 
@@ -52,6 +53,18 @@ def main():
     print(f"\nimage VAE ({seconds / 60:.1f} min): held-out PSNR {val['val/psnr']:.2f} dB, SSIM {val['val/ssim']:.3f}")
     print(f"  reconstructions: {grids[0]} (first) ... {grids[-1]} (last)")
     print(f"  export: {out / 'image_vae'} (diffusers AutoencoderKL + latent_stats.json)")
+
+    # Latent diffusion in that VAE's latents; a small random BERT stands in for CLIP (whose weights are a download).
+    text_encoder = make_demo_text_encoder(out / "data" / "text_encoder")
+    seconds = run("train_ldm.py", "--config", ROOT / "configs/demo/ldm.yaml", "--train_data_dir", images,
+                  "--vae", out / "image_vae", "--text_encoder", f"hf:{text_encoder}", "--cache_dir", out / "ldm_cache",
+                  "--output_dir", out / "ldm", "--resume_from_checkpoint", "none")
+    val = last_values(out / "ldm" / "metrics.jsonl", "val/")
+    grids = sorted((out / "ldm" / "samples").glob("step_*.png"))
+    print(f"\nlatent diffusion ({seconds / 60:.1f} min): held-out loss {val['val/loss']:.3f}; samples for 6 held-out "
+          f"captions x 2 seeds: {grids[-1]}")
+    print(f"  python train_ldm.py generate --model {out / 'ldm'} --prompt 'a red circle on a blue background' "
+          f"--output {out / 'ldm_generated'}")
 
     audio = make_demo_audio(out / "data" / "notes", num_files=48, seconds=(1.0, 2.0), sample_rate=16000, seed=0)
     seconds = run("train_vocoder.py", "--config", ROOT / "configs/demo/vocoder.yaml", "--train_data_dir", audio,

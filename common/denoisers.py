@@ -50,9 +50,9 @@ DENOISER_PRESETS = {
     "dit-b": DiTPreset(hidden_size=768, depth=12, num_heads=12),  # 181,506,832
     "unet-tiny": UNetPreset(block_out_channels=(32, 64), layers_per_block=1, attention_head_dim=4,
                             norm_num_groups=8),  # tests: 1,028,484
-    # 45,558,580. With diffusers' default of 8 heads the same UNet has 48,188,804 parameters; 40 "heads" is the one
-    # setting that lands on the 45.55M reference: heads of 3, 4 and 6 channels (inner widths 120, 160, 240 instead of
-    # 128, 192, 256), which diffusers gives when 40 does not divide the block width.
+    # 45,558,580. With diffusers' default of 8 heads the same UNet has 48,188,804 parameters. 40 "heads" is the one
+    # single value that comes within 0.01M of the 45.55M reference: diffusers then gives heads of 3, 4 and 6
+    # channels (inner attention widths 120, 160, 240 instead of 128, 192, 256, as 40 does not divide the widths).
     "unet-45m": UNetPreset(block_out_channels=(128, 192, 256, 256), layers_per_block=2, attention_head_dim=40),
 }
 
@@ -241,6 +241,12 @@ class DiT(nn.Module):
     works). Conditioning vector c = MLP(timestep sinusoids) + MLP(masked mean of the projected text tokens), so
     adaLN also sees the prompt; the projected tokens themselves are attended to in every block. The final layer
     (adaLN + linear) is zero-initialised, so the untrained model outputs exactly 0.
+
+    Speed (H100, bf16 autocast, batch 64 of 32x32x4 latents = 256 tokens, 77 context tokens, fused AdamW step;
+    MFU from `denoiser_flops_per_sample` x 3): dit-45m 18.5% with torch.compile(mode="reduce-overhead") (15.6 ms
+    a step), 7.9% with the default mode, whose ~1,100 kernel launches a step leave the GPU waiting on the CPU;
+    dit-b 31.5% with CUDA graphs. At width 384 the norms, modulations and residual adds take about as long as the
+    matmuls, so the smaller presets stay under the larger ones' utilisation.
     """
 
     def __init__(self, in_channels, context_dim, hidden_size=384, depth=12, num_heads=6, patch_size=2,

@@ -15,6 +15,7 @@ A new script joins every reliability test by adding one `ScriptSpec` to SCRIPTS.
   `CorruptSampleTracker`.
 """
 
+import argparse
 import dataclasses
 from pathlib import Path
 from typing import Callable
@@ -38,6 +39,7 @@ class ScriptSpec:
     probe_batch: Callable  # () -> a batch of 8 inputs for accumulation_probe
     grad_norm_key: str  # the logged gradient norm of the main model
     data_flag: str = "--train_data_dir"  # the flag naming the training data (a folder)
+    export_file: str = "config.json"  # a file of the export in --output_dir, written when the run finishes
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -406,4 +408,87 @@ AUDIO_VAE = ScriptSpec(
     grad_norm_key="grad_norm/vae",
 )
 
-SCRIPTS = [IMAGE_VAE, RVQ, VOCODER, AUDIO_VAE]
+
+# ---------------------------------------------------------------------------------------------------------------
+# train_ldm.py
+
+
+def ldm_data(folder):
+    """40 captioned 16-pixel images, a tiny VAE (downsampling 2) and a tiny BERT text encoder."""
+    from common.demo_data import make_demo_images, make_demo_text_encoder, make_demo_vae
+
+    folder = Path(folder)
+    images = make_demo_images(folder / "train", num_images=40, size=16, seed=0)
+    return ["--train_data_dir", images, "--vae", make_demo_vae(folder / "vae"),
+            "--text_encoder", f"hf:{make_demo_text_encoder(folder / 'text', 32, 1)}"]
+
+
+def ldm_accumulation_probe(micro_batches, accumulation, max_grad_norm):
+    """One optimizer step of train_ldm's `train_step` in float64, class-conditioned, without CFG dropout. The step's
+    random draws (latent sample, noise, timesteps) are made functions of each sample, so micro-batches and the whole
+    batch draw the same numbers."""
+    from unittest import mock
+
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState, GradientState
+
+    import train_ldm as script
+    from common.diffusion import NoiseSchedule
+    from common.optim import build_optimizer
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+    GradientState._reset_state()
+    args = script.build_parser().parse_args([
+        "--output_dir", "/tmp/unused", "--train_data_dir", ".", "--conditioning", "class", "--conditioning_dropout", "0",
+        "--max_grad_norm", str(max_grad_norm), "--gradient_accumulation_steps", str(accumulation)])
+    torch.manual_seed(0)
+    config = {"denoiser": script.denoiser_config("dit-tiny", 4, 16), "conditioning": "class", "class_names": ["a", "b"],
+              "null_condition": "empty", "text_encoder": None}
+    model = script.build_model(config).double()
+    with torch.no_grad():  # leave adaLN-Zero's zero start, so every weight gets a gradient
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    space = argparse.Namespace(to_model=lambda z: z)
+    optimizer = build_optimizer("adamw", model.parameters(), lr=1e-3)
+    accelerator = Accelerator(cpu=True, gradient_accumulation_steps=accumulation)
+    prepared, optimizer = accelerator.prepare(model, optimizer)
+    schedule = NoiseSchedule("scaled_linear", 1000)
+
+    def like(x):  # deterministic per sample: a function of the sample itself
+        return torch.sin(13.0 * x + 1.0)
+
+    def timesteps(batch, num_timesteps, device, generator=None):
+        return (_probe_keys * 997 % num_timesteps).long()
+
+    metrics = []
+    for batch in micro_batches:
+        _probe_keys = (batch.abs().sum((1, 2, 3)) * 1000).round().long()
+        cond = {"mean": batch.double(), "std": torch.zeros_like(batch, dtype=torch.float64),
+                "label": _probe_keys % 2}
+        with mock.patch("torch.randn_like", like), mock.patch.object(script, "sample_timesteps", timesteps):
+            metrics.append(script.train_step(cond, prepared, optimizer, schedule, space, accelerator, args))
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}, [], {}, metrics
+
+
+LDM = ScriptSpec(
+    name="ldm",
+    script="train_ldm.py",
+    make_data=ldm_data,
+    train_samples=40,
+    tiny=["--model", "dit-tiny", "--resolution", "16", "--report_to", "none", "--mixed_precision", "no",
+          "--learning_rate", "1e-3", "--lr_warmup_steps", "2", "--logging_steps", "1", "--dataloader_num_workers", "0",
+          "--stall_timeout", "300", "--num_holdout", "0", "--num_inference_steps", "2", "--num_validation_prompts", "2",
+          "--num_validation_seeds", "1", "--text_max_length", "16"],
+    gan=lambda start: [],
+    weights=("model", "ema"),
+    optimizers=("model",),
+    corrupt=image_corruptions,
+    bigger_model=["--model", "dit-s"],
+    accumulation_probe=ldm_accumulation_probe,
+    probe_batch=lambda: torch.randn(8, 4, 8, 8),
+    grad_norm_key="grad_norm/model",
+    export_file="ldm_config.json",
+)
+
+
+SCRIPTS = [IMAGE_VAE, RVQ, VOCODER, AUDIO_VAE, LDM]

@@ -61,7 +61,7 @@ def test_run_ends_finished_when_the_condition_holds_and_a_resume_finds_it_done(s
     steps = {m["step"] for m in read_metrics(out / "metrics.jsonl")}
     assert max(steps) == 2  # logged every step; the condition held at steps 1 and 2
     assert [p.name for p in out.glob("checkpoint-*")] == ["checkpoint-2"]
-    assert (out / "config.json").exists()  # exported, as at the end of --max_train_steps
+    assert (out / spec.export_file).exists()  # exported, as at the end of --max_train_steps
     proc = run(spec.script, *args)  # the same command again: nothing left to train
     assert "resumed from" in proc.stdout + proc.stderr
     assert max(m["step"] for m in read_metrics(out / "metrics.jsonl")) == 2
