@@ -1100,7 +1100,7 @@ def export_config(args, model_config, latent_space, text_info, latent_shape, cla
         "resolution": args.resolution if latent_space.kind == "image" else None,
         "prediction_type": args.prediction_type, "schedule": schedule.config() if schedule is not None else None,
         "sampler": {"name": args.sampler, "num_inference_steps": args.num_inference_steps,
-                    "guidance_scale": args.guidance_scale},
+                    "guidance_scale": args.guidance_scale, "mixed_precision": args.mixed_precision},
     }
 
 
@@ -1210,7 +1210,8 @@ def generate_main(argv=None):
     p.add_argument("--text_encoder", type=str, default=None, help="Override the text encoder spec of the export.")
     p.add_argument("--vocoder", type=str, default=None, help="Audio: override the export's vocoder.")
     p.add_argument("--batch_size", type=positive_int, default=16, help="Samples per forward pass.")
-    p.add_argument("--mixed_precision", type=str, default="no", choices=["no", "bf16"], help="Autocast while sampling.")
+    p.add_argument("--mixed_precision", type=str, default=None, choices=["no", "bf16"],
+                   help="Autocast while sampling; default: as the run's validation samples were drawn.")
     a = p.parse_args(argv)
     config, weights = read_export(a.model)
     prompts = list(a.prompt or [])
@@ -1246,7 +1247,8 @@ def generate_main(argv=None):
         conditioning=config["conditioning"], prediction_type=config["prediction_type"],
         guidance_scale=config["sampler"]["guidance_scale"] if a.guidance_scale is None else a.guidance_scale,
         num_inference_steps=a.num_inference_steps or config["sampler"]["num_inference_steps"],
-        sampler=a.sampler or config["sampler"]["name"], mixed_precision=a.mixed_precision)
+        sampler=a.sampler or config["sampler"]["name"],
+        mixed_precision=a.mixed_precision or config["sampler"].get("mixed_precision", "no"))
     schedule = NoiseSchedule(**config["schedule"]) if config["schedule"] else None
     cond = conditions_for(prompts, config, a.text_encoder, device)
     seeds = [a.seed + s for s in range(a.num_images_per_prompt) for _ in prompts]

@@ -65,6 +65,11 @@ def test_trains_builds_the_cache_once_and_exports_what_it_validated(parts, tmp_p
     torch.testing.assert_close(generated["decoded"], last["decoded"], rtol=0, atol=0)
     assert len(list(gen.glob("0*.png"))) == 4
 
+    # --export_checkpoint exports a checkpoint's EMA weights: the same as the run's own export.
+    run("train_ldm.py", "--export_checkpoint", out / "checkpoint-40", "--output_dir", tmp_path / "exported")
+    for k, v in load_file(out / "model.safetensors").items():
+        assert torch.equal(v, load_file(tmp_path / "exported" / "model.safetensors")[k]), k
+
     # A second run with the same cache encodes nothing.
     stamp = (cache / "shard_00000" / "mean.npy").stat().st_mtime_ns
     proc = run("train_ldm.py", *flags(parts, tmp_path / "run2", "--cache_dir", cache, "--max_train_steps", "2",
