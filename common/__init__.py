@@ -1,19 +1,24 @@
 """Parts shared by the training scripts: small modules of functions and nn.Modules, each unit-tested.
 
+audio_vae      the audio VAE export (mel or waveform): presets, save, load, encode and decode from audio
 audio          audio files in any format and rate, read as mono at the rate a model needs; training segments
 args           YAML --config feeding argparse defaults; shared flag groups; one-line errors
 checkpoint     atomic checkpoints with a manifest, retention, resume; the steps of saving and resuming a run
 compare        `python -m common.compare RUN...`: final and best values of runs, one figure
 data           resumable sampling, image datasets, corrupt-sample skipping
-demo_data      the built-in demo data
+demo_data      the built-in demo data (and a small random VAE and text encoder for the diffusion tests and demo)
+denoisers      DiT (adaLN-Zero, masked text cross-attention) and UNet denoisers behind one forward, as presets
+diffusion      noise schedules, objectives and targets, Min-SNR, offset noise, input perturbation, CFG, samplers
 discriminators PatchGAN and multi-scale PatchGAN; waveform MPD, MSD, MRD and multi-band STFT (hifigan, bigvgan, dac)
 ema            EMA with warm-up
+image_metrics  FID, Inception Score, CLIP score, cached reference statistics
 losses         GAN losses, feature matching, KL with free bits, R1, LPIPS
 media          image grids, audio clips and tracker logging
 metrics        PSNR, SSIM; SI-SDR, mel cepstral distortion, PESQ
 optim          optimizers and LR schedules by name (AdamW, 8-bit AdamW, Adam, Lion, Muon, SGD, RMSprop)
 perf           throughput, model-FLOPs utilisation, peak memory
 spectral       the mel configuration (a contract between audio models), log-mel on the GPU, spectral losses
+text_encoders  frozen text encoders (open_clip, Hugging Face CLIP, any Hugging Face model): per-token states + mask
 training       the Accelerator setup, precision flags, RNG state, guarded optimizer steps, metric logging
 vocoder        HiFi-GAN, BigVGAN and Vocos generators; the vocoder export, its loader and command line
 """
