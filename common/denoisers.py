@@ -242,11 +242,8 @@ class DiT(nn.Module):
     adaLN also sees the prompt; the projected tokens themselves are attended to in every block. The final layer
     (adaLN + linear) is zero-initialised, so the untrained model outputs exactly 0.
 
-    Speed (H100, bf16 autocast, batch 64 of 32x32x4 latents = 256 tokens, 77 context tokens, fused AdamW step;
-    MFU from `denoiser_flops_per_sample` x 3): dit-45m 18.5% with torch.compile(mode="reduce-overhead") (15.6 ms
-    a step), 7.9% with the default mode, whose ~1,100 kernel launches a step leave the GPU waiting on the CPU;
-    dit-b 31.5% with CUDA graphs. At width 384 the norms, modulations and residual adds take about as long as the
-    matmuls, so the smaller presets stay under the larger ones' utilisation.
+    Speed: at width 384 the norms, modulations and residual adds take about as long as the matmuls, and a step is
+    many small kernels; train_ldm.py's --compile replays them as CUDA graphs (measured in README).
     """
 
     def __init__(self, in_channels, context_dim, hidden_size=384, depth=12, num_heads=6, patch_size=2,
