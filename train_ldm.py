@@ -898,8 +898,9 @@ def train_step(batch, model, optimizer, schedule, latent_space, accelerator, arg
         accelerator.backward(loss)
         out = {}
         if accelerator.sync_gradients:
+            # defer: no host sync per step; a non-finite step is skipped on the GPU (fused AdamW) and counted later
             out["grad_norm/model"], out["stepped/model"] = clip_and_step(
-                accelerator, optimizer, model.parameters(), args.max_grad_norm)
+                accelerator, optimizer, model.parameters(), args.max_grad_norm, defer=True)
     out.update({"loss/total": loss.detach(), "loss/mse": per_sample.mean().detach(),
                 "latent/std": x0.detach().std()})
     return out
@@ -1522,12 +1523,14 @@ def main(args):
         if not accelerator.sync_gradients:
             continue
 
-        # One optimizer step done.
+        # One optimizer step done. `stepped` is a bool, or a device flag (see clip_and_step) that the guard reads at
+        # the next log: a step skipped on the GPU leaves the weights and the EMA as they were, and the learning-rate
+        # schedule moves on.
         guard.update(stepped, global_step + 1)
-        if stepped:
+        if stepped is not False:
             scheduler.step()
             if ema is not None:
-                ema.update(model)
+                ema.update(model, applied=stepped)
         global_step += 1
         state["epoch"], state["samples_in_epoch"] = epoch, (b + 1) * sampler.global_batch
         throughput.add(samples_per_step, flops)
@@ -1537,6 +1540,7 @@ def main(args):
 
         if global_step % args.logging_steps == 0 or global_step == max_steps:
             logs = accumulated.pop(accelerator)  # sync point
+            guard.flush()
             logs.update(throughput.measure())
             logs.update({"lr/model": scheduler.get_last_lr()[0], **corrupt.metrics(),
                          "train/skipped_steps": guard.total, "train/epoch": epoch})
@@ -1564,6 +1568,7 @@ def main(args):
             if stop_when.update(val_metrics if accelerator.is_main_process else {}, accelerator, main_only=True):
                 max_steps = global_step  # --stop_when held on a validation metric: this step is the last
         if global_step % args.checkpointing_steps == 0 or global_step == max_steps or stopping:
+            guard.flush()  # a run stopped by too many skipped steps stops here, before writing
             save_checkpoint(accelerator, args, global_step, {**state, "stop_when": stop_when.state_dict()}, model,
                             optimizer, scheduler, ema, config, guard, corrupt)
             watchdog.beat()

@@ -68,7 +68,7 @@ for line in (out / "commands.txt").read_text().splitlines():
     config = command.split("--config ")[1].split()[0] if "--config " in command else ""
     rows.append({"run": name, "exit": int(status), "throughput": get(r"; ([\d.]+ \w+/s);"),
                  "s_per_step": get(r"seconds per step ([\d.]+)"), "mfu": get(r"([\d.]+%) of the GPU"),
-                 "peak_gib": get(r"peak GPU memory ([\d.]+) GiB"), "first_step_gib": get(r"first step ([\d.]+) GiB"),
+                 "peak_gib": get(r"peak GPU memory ([\d.]+) GiB"), "first_step_gib": get(r"first (?:step|\d+ steps) ([\d.]+) GiB"),
                  "compile": "--compile" in command or "compile: true" in (Path(config).read_text() if config else ""),
                  "precision": re.search(r"mixed_precision: \"?(\w+)", Path(config).read_text())[1] if config else "",
                  "command": command})

@@ -42,11 +42,23 @@ class EMA:
         return min(self.max_decay, max(self.min_decay, value))
 
     @torch.no_grad()
-    def update(self, model):
+    def update(self, model, applied=True):
+        """`applied`: whether the optimizer step happened; a bool tensor on the device when the step was skipped or
+        not on the GPU (clip_and_step with defer=True), so the average can stay put without a host sync. A skipped
+        step known on the host (False) changes nothing; one known only on the device still counts towards the
+        decay's warm-up."""
+        if applied is False:
+            return
         decay = self.decay()
         names, tensors = zip(*self._tracked(model))
         shadows = [self.shadow[n] for n in names]
-        torch._foreach_lerp_(shadows, [t.float() for t in tensors], 1 - decay)
+        tensors = [t.float() for t in tensors]
+        if torch.is_tensor(applied):  # shadow += applied * (1 - decay) * (weights - shadow)
+            deltas = torch._foreach_sub(tensors, shadows)
+            torch._foreach_mul_(deltas, applied.to(shadows[0].device, torch.float32) * (1 - decay))
+            torch._foreach_add_(shadows, deltas)
+        else:
+            torch._foreach_lerp_(shadows, tensors, 1 - decay)
         self.num_updates += 1
 
     @torch.no_grad()

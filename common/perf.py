@@ -123,10 +123,11 @@ class DryRun:
 
     Each script builds its models, data and optimizers as for training, then calls `run(step_fn)` with a function
     that does one optimizer step (all its micro-batches) the way its loop does; the discriminator's and other
-    occasional passes should be on, so the step measured is the costliest one. The report gives seconds per step,
-    throughput, the time to --max_train_steps, peak GPU memory (the first step apart: cuDNN's autotuning takes
-    transient workspaces then) and whether that fits cards of 32, 24 and 16 GB; a step that runs out of memory is
-    reported with what to change instead of a traceback. `hints` are the script's own levers, most effective first.
+    occasional passes should be on, so the step measured is the costliest one. The report gives seconds per step
+    (the mean over the steps after the first, which run back to back as in training), throughput, the time to
+    --max_train_steps, peak GPU memory (the warm-up steps apart: cuDNN's autotuning takes transient workspaces then)
+    and whether that fits cards of 32, 24 and 16 GB; a step that runs out of memory is reported with what to change
+    instead of a traceback. `hints` are the script's own levers, most effective first.
     """
 
     CARDS_GIB = (32, 24, 16)
@@ -138,34 +139,52 @@ class DryRun:
     def run(self, step_fn):
         cuda = torch.cuda.is_available()
         sync = torch.cuda.synchronize if cuda else (lambda: None)
-        times, first_peak, peak = [], None, None
+        done, first, per_step, first_peak, peak = 0, None, None, None, None
+        # Warm-up steps, timed apart: compilation, autotuning, CUDA-graph recording.
+        warm = max(1, min(3, self.steps // 4))
+        # Memory is what the caching allocator holds from the card (reserved), not what tensors occupy (allocated):
+        # replayed CUDA graphs keep their memory in private pools that the allocated figure does not count.
+        if cuda:
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats()
         try:
-            for i in range(self.steps):
-                if cuda:
-                    torch.cuda.reset_peak_memory_stats()
-                start = time.perf_counter()
+            start = time.perf_counter()
+            for i in range(warm):
                 step_fn(i)
-                sync()
-                times.append(time.perf_counter() - start)
-                if cuda:
-                    used = torch.cuda.max_memory_allocated() / 2**30
-                    first_peak, peak = (used, peak) if i == 0 else (first_peak, max(peak or 0.0, used))
+                done += 1
+            sync()
+            first = time.perf_counter() - start
+            if cuda:
+                first_peak = torch.cuda.max_memory_reserved() / 2**30
+                torch.cuda.empty_cache()  # the warm-up's transients (autotuning workspaces) go back to the card
+                torch.cuda.reset_peak_memory_stats()
+            # The other steps back to back with one sync at the end, as the training loop runs them: the CPU queues
+            # work ahead of the GPU, so host-side costs show only where they really stall the GPU.
+            start = time.perf_counter()
+            for i in range(warm, self.steps):
+                step_fn(i)
+                done += 1
+            sync()
+            per_step = (time.perf_counter() - start) / (self.steps - warm)
+            if cuda:
+                peak = torch.cuda.max_memory_reserved() / 2**30
             with FlopCount() as counter:  # one more step, untimed: the FLOPs the model really does per step
                 step_fn(self.steps)
         except torch.cuda.OutOfMemoryError:
             total = torch.cuda.get_device_properties(0).total_memory / 2**30 if cuda else 0.0
-            return self.report_lines(times, None, None, oom=total)
-        return self.report_lines(times, first_peak, peak, flops=counter.total)
+            return self.report_lines(done, first, per_step, None, None, oom=total, warm=warm)
+        return self.report_lines(done, first, per_step, first_peak, peak, flops=counter.total, warm=warm)
 
-    def report_lines(self, times, first_peak, peak, oom=None, flops=None):
-        lines = [f"dry run: {len(times)} of {self.steps} optimizer steps"]
+    def report_lines(self, done, first, per_step, first_peak, peak, oom=None, flops=None, warm=1):
+        """`first`: seconds of the `warm` first steps (compilation, autotuning); `per_step`: mean of the others."""
+        lines = [f"dry run: {done} of {self.steps} optimizer steps"]
         if oom is not None:
             card = f" on the {oom:.0f} GiB card" if oom else ""
-            lines.append(f"out of memory{card} at step {len(times) + 1}; to fit: " + "; ".join(self.hints))
+            lines.append(f"out of memory{card} at step {done + 1}; to fit: " + "; ".join(self.hints))
             return lines
-        per_step = sorted(times[1:])[len(times[1:]) // 2]  # the median after the first (autotuning, compilation)
         eta = per_step * self.remaining
-        lines += [f"seconds per step {per_step:.3f} (first step {times[0]:.2f}); {self.samples_per_step / per_step:.1f} "
+        firsts = "first step" if warm == 1 else f"first {warm} steps"
+        lines += [f"seconds per step {per_step:.3f} ({firsts} {first:.2f}); {self.samples_per_step / per_step:.1f} "
                   f"{self.unit}/s; {self.remaining} steps to go: {eta / 3600:.1f} h"]
         if flops:
             peak_flops = peak_bf16_flops()
@@ -176,7 +195,7 @@ class DryRun:
             return lines
         # A card of N GB holds N * 0.93 GiB; 10% headroom for the allocator's fragmentation and other processes.
         fits = [f"{card} GB: {'fits' if peak * 1.1 <= card * 0.93 else 'does not fit'}" for card in self.CARDS_GIB]
-        lines.append(f"peak GPU memory {peak:.2f} GiB (first step {first_peak:.2f} GiB, start-up transients such as "
+        lines.append(f"peak GPU memory {peak:.2f} GiB reserved ({firsts} {first_peak:.2f} GiB, start-up transients such as "
                      f"cuDNN's autotuning included); " + ", ".join(fits))
         if peak * 1.1 > self.CARDS_GIB[0] * 0.93:
             lines.append("to fit a 32 GB card: " + "; ".join(self.hints))

@@ -89,22 +89,47 @@ def _numpy_state():
 # Optimizer steps that never let a non-finite gradient reach the weights.
 
 
-def clip_and_step(accelerator, optimizer, parameters, max_grad_norm):
+def clip_and_step(accelerator, optimizer, parameters, max_grad_norm, defer=False):
     """Clip to `max_grad_norm` (0: no clipping, norm still measured), then step only if the norm is finite.
 
     The gradients were already averaged across processes, so every process sees the same norm and skips alike,
-    with no extra collective. Returns (grad_norm, stepped). This is a host sync point (one per optimizer step).
-    Under fp16 the grad scaler decides: it skips non-finite steps itself and lowers its scale.
+    with no extra collective. Returns (grad_norm, stepped). Under fp16 the grad scaler decides: it skips non-finite
+    steps itself and lowers its scale.
+
+    By default `stepped` is a bool, which makes this a host sync point (one per optimizer step): the CPU waits for
+    the backward pass before it can queue the next step. With `defer=True` and an optimizer whose kernel takes the
+    skip decision on the GPU (torch's fused Adam/AdamW/SGD, the way GradScaler drives them), nothing waits:
+    `stepped` is a bool tensor on the device, a skipped step leaves weights, moments and step counts exactly as
+    they were, and the caller reads the flag later (SkipGuard does, at its next flush). Other optimizers, and fp16,
+    fall back to the synchronising path.
     """
-    return clip_and_step_all(accelerator, [(optimizer, parameters, max_grad_norm)])[0]
+    return clip_and_step_all(accelerator, [(optimizer, parameters, max_grad_norm)], defer=defer)[0]
 
 
-def clip_and_step_all(accelerator, updates):
+def skips_on_device(optimizer):
+    """Whether `optimizer` (or the one an AcceleratedOptimizer wraps) can skip a step from a device flag."""
+    return bool(getattr(getattr(optimizer, "optimizer", optimizer), "_step_supports_amp_scaling", False))
+
+
+def clip_and_step_all(accelerator, updates, defer=False):
     """`clip_and_step` for several optimizers that step together (a GAN's generator and discriminator), with one
-    host sync for all of them instead of one each. `updates`: (optimizer, parameters, max_grad_norm) triples.
-    Returns a (grad_norm, stepped) pair per triple, in order."""
+    host sync for all of them instead of one each (none with `defer`, see clip_and_step). `updates`: (optimizer,
+    parameters, max_grad_norm) triples. Returns a (grad_norm, stepped) pair per triple, in order."""
     norms = [accelerator.clip_grad_norm_(parameters, max_grad_norm if max_grad_norm > 0 else math.inf)
              for _, parameters, max_grad_norm in updates]
+    if defer and accelerator.scaler is None and all(skips_on_device(opt) for opt, _, _ in updates):
+        results = []
+        for (optimizer, _, _), grad_norm in zip(updates, norms):
+            finite = torch.isfinite(grad_norm.detach().float())
+            inner = getattr(optimizer, "optimizer", optimizer)
+            inner.found_inf = (~finite).float()  # read by the fused kernel, as when GradScaler drives it
+            try:
+                optimizer.step()
+            finally:
+                del inner.found_inf
+            optimizer.zero_grad(set_to_none=True)
+            results.append((grad_norm.detach(), finite))
+        return results
     finite = torch.stack([torch.isfinite(n.detach().float()) for n in norms]).tolist()  # the sync point
     results = []
     for (optimizer, _, _), grad_norm, ok in zip(updates, norms, finite):
@@ -116,15 +141,24 @@ def clip_and_step_all(accelerator, updates):
 
 
 class SkipGuard:
-    """Counts optimizer steps skipped for non-finite gradients; too many in a row stops the run."""
+    """Counts optimizer steps skipped for non-finite gradients; too many in a row stops the run.
+
+    `stepped` may be a device tensor (clip_and_step with defer=True): it is then kept and read, all pending flags
+    with one host sync, at the next `flush()`, which the loop calls where it logs; `state_dict()` flushes too, so a
+    checkpoint counts every step before it. The run then stops at the flush after the limit was reached.
+    """
 
     def __init__(self, max_consecutive):
         self.max_consecutive = max_consecutive
         self.consecutive = 0
         self.total = 0
+        self.pending = []
 
     def update(self, stepped, step, what="optimizer", reason=None):
         """`reason`: why the step was skipped when it was not for non-finite gradients (e.g. a loss spike)."""
+        if torch.is_tensor(stepped):
+            self.pending.append((stepped.detach().reshape(()), step, what, reason))
+            return
         if stepped:
             self.consecutive = 0
             return
@@ -138,11 +172,21 @@ class SkipGuard:
                              f"(--max_consecutive_skips {self.max_consecutive}); the run is diverging. The last "
                              f"checkpoint is intact: resume from it with a lower learning rate or stronger clipping.")
 
+    def flush(self):
+        """Read the flags of deferred steps (one host sync) and count them in order."""
+        if not self.pending:
+            return
+        pending, self.pending = self.pending, []
+        for ok, (_, step, what, reason) in zip(torch.stack([p[0] for p in pending]).tolist(), pending):
+            self.update(bool(ok), step, what, reason)
+
     def state_dict(self):
+        self.flush()
         return {"consecutive": self.consecutive, "total": self.total}
 
     def load_state_dict(self, state):
         self.consecutive, self.total = int(state["consecutive"]), int(state["total"])
+        self.pending = []
 
 
 def freeze(model, prefixes):

@@ -10,10 +10,10 @@ from scripts import SCRIPTS
 
 def test_report_names_time_to_go_and_what_fits():
     dry = DryRun(3, samples_per_step=16, remaining_steps=7200, hints=["lower --train_batch_size"])
-    lines = dry.report_lines([2.0, 0.5, 0.5], first_peak=40.0, peak=21.0)
+    lines = dry.report_lines(3, 2.0, 0.5, first_peak=40.0, peak=21.0)
     assert "seconds per step 0.500" in lines[1] and "32.0 samples/s" in lines[1] and "1.0 h" in lines[1]
     assert "32 GB: fits, 24 GB: does not fit, 16 GB: does not fit" in lines[2]
-    too_big = dry.report_lines([2.0, 0.5, 0.5], first_peak=40.0, peak=31.0)
+    too_big = dry.report_lines(3, 2.0, 0.5, first_peak=40.0, peak=31.0)
     assert too_big[-1] == "to fit a 32 GB card: lower --train_batch_size"
 
 

@@ -34,6 +34,27 @@ def test_update_is_a_lerp_and_tracks_buffers():
     assert "1.num_batches_tracked" not in ema.shadow
 
 
+def test_an_update_gated_by_a_device_flag_moves_only_when_the_step_happened():
+    model, twin = net(), net()
+    ema, gated = EMA(model, max_decay=0.5, power=100.0), EMA(twin, max_decay=0.5, power=100.0)
+    with torch.no_grad():
+        for m in (model, twin):
+            for p in m.parameters():
+                p.mul_(3.0)
+    ema.update(model)
+    gated.update(twin, applied=torch.tensor(True))  # same as a plain update
+    assert all(torch.allclose(gated.shadow[k], ema.shadow[k], rtol=0, atol=1e-6) for k in ema.shadow)
+    before = {k: v.clone() for k, v in gated.shadow.items()}
+    with torch.no_grad():
+        for p in twin.parameters():
+            p.add_(1.0)
+    gated.update(twin, applied=torch.tensor(False))  # a step skipped on the device: the average stays put
+    assert all(torch.equal(gated.shadow[k], before[k]) for k in before)
+    assert gated.num_updates == 2  # it still counts towards the warm-up, as the host cannot know
+    gated.update(twin, applied=False)  # a skip known on the host changes nothing at all
+    assert gated.num_updates == 2 and all(torch.equal(gated.shadow[k], before[k]) for k in before)
+
+
 def test_copy_to_and_state_round_trip():
     model = net()
     ema = EMA(model, max_decay=0.9)

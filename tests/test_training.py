@@ -50,6 +50,54 @@ def test_clip_and_step_all_skips_only_the_optimizer_with_non_finite_gradients():
     assert all(p.grad is None for p in (*g.parameters(), *d.parameters()))  # both zeroed for the next step
 
 
+@pytest.mark.parametrize("inject", [None, "nan"])
+def test_deferred_step_skips_on_the_device_without_a_host_sync(inject):
+    accelerator = Accelerator(cpu=True)
+    model = torch.nn.Linear(3, 1)
+    opt = torch.optim.AdamW(model.parameters(), lr=0.1, fused=True)  # its kernel reads the skip flag itself
+    model, opt = accelerator.prepare(model, opt)
+    accelerator.backward(model(torch.ones(2, 3)).sum())
+    clip_and_step(accelerator, opt, model.parameters(), 1.0, defer=True)  # moments exist from here on
+    weights = [p.detach().clone() for p in model.parameters()]
+    state = {k: v.clone() for k, v in opt.state_dict()["state"][0].items()}
+    loss = model(torch.ones(2, 3)).sum()
+    accelerator.backward(loss * float("nan") if inject else loss)
+    norm, stepped = clip_and_step(accelerator, opt, model.parameters(), 1.0, defer=True)
+    assert torch.is_tensor(stepped) and bool(stepped) == (inject is None)
+    assert torch.isfinite(norm) == (inject is None)
+    after = opt.state_dict()["state"][0]
+    if inject:  # weights, both moments and the step count are those before the step
+        assert all(torch.equal(a, b) for a, b in zip(weights, model.parameters()))
+        assert all(torch.equal(state[k], after[k]) for k in state)
+    else:
+        assert not any(torch.equal(a, b) for a, b in zip(weights, model.parameters()))
+        assert after["step"] == state["step"] + 1
+    assert not hasattr(opt.optimizer, "found_inf") and all(p.grad is None for p in model.parameters())
+
+
+def test_deferred_step_falls_back_to_a_host_decision_for_other_optimizers():
+    accelerator = Accelerator(cpu=True)
+    model = torch.nn.Linear(3, 1)
+    opt = torch.optim.AdamW(model.parameters(), lr=0.1, foreach=True)
+    model, opt = accelerator.prepare(model, opt)
+    accelerator.backward(model(torch.ones(2, 3)).sum() * float("inf"))
+    _, stepped = clip_and_step(accelerator, opt, model.parameters(), 1.0, defer=True)
+    assert stepped is False and opt.state_dict()["state"] == {}
+
+
+def test_skip_guard_reads_device_flags_at_its_flush(caplog):
+    guard = SkipGuard(3)
+    guard.update(torch.tensor(False), 1), guard.update(torch.tensor(True), 2), guard.update(torch.tensor(False), 3)
+    assert (guard.consecutive, guard.total) == (0, 0)  # nothing read yet
+    guard.flush()
+    assert (guard.consecutive, guard.total) == (1, 2) and "step 3: non-finite optimizer gradients" in caplog.text
+    guard.update(torch.tensor(False), 4)
+    assert guard.state_dict() == {"consecutive": 2, "total": 3}  # a checkpoint counts every step before it
+    guard.update(torch.tensor(False), 5)
+    with pytest.raises(SystemExit, match="3 optimizer steps in a row"):
+        guard.flush()
+
+
 def test_skip_guard_stops_after_consecutive_skips():
     guard = SkipGuard(3)
     guard.update(False, 1), guard.update(False, 2), guard.update(True, 3), guard.update(False, 4)
