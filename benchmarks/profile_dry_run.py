@@ -12,13 +12,10 @@ replays), to tell a GPU-bound step from a host-bound one. Comparisons in one pro
 
 - `--host_sync`: every optimizer step decides on the host whether its gradients are finite (clip_and_step's
   synchronising path) instead of on the GPU;
-- `--fixed_batch`: every step trains on the first batch, so the data loader's cost drops out;
-- `--sdpa flash|efficient|cudnn|math`: the attention backend tried first (the others stay as fall-backs, e.g. for
-  masked attention that flash cannot do).
+- `--fixed_batch`: every step trains on the first batch, so the data loader's cost drops out.
 """
 
 import argparse
-import contextlib
 import importlib.util
 import itertools
 import re
@@ -85,8 +82,6 @@ def main():
     parser.add_argument("--steps", type=int, default=10, help="steps to profile after the dry run")
     parser.add_argument("--host_sync", action="store_true", help="decide skipped steps on the host (synchronising)")
     parser.add_argument("--fixed_batch", action="store_true", help="train every step on the first batch")
-    parser.add_argument("--sdpa", choices=["flash", "efficient", "cudnn", "math"], default=None,
-                        help="the attention backend to try first")
     parser.add_argument("script", help="the training script, then its arguments (with --dry_run)")
     args, rest = parser.parse_known_args()
     if not torch.cuda.is_available():
@@ -113,17 +108,8 @@ def main():
             return itertools.repeat(next(batches(*a, **k)))
 
         script.infinite_batches = first_batch_forever
-    context = contextlib.nullcontext()
-    if args.sdpa:
-        from torch.nn.attention import SDPBackend, sdpa_kernel
-
-        names = {"flash": "FLASH_ATTENTION", "efficient": "EFFICIENT_ATTENTION", "cudnn": "CUDNN_ATTENTION",
-                 "math": "MATH"}
-        order = [args.sdpa] + [n for n in names if n != args.sdpa]
-        context = sdpa_kernel([getattr(SDPBackend, names[n]) for n in order], set_priority=True)
     sys.argv = [args.script, *[a for a in rest if a != "--"]]
-    with context:
-        script.main(script.parse_args())
+    script.main(script.parse_args())
 
 
 if __name__ == "__main__":
