@@ -331,7 +331,8 @@ def _load_hf(spec, name, clip, max_length, layer):
         default_length = min(tokenizer.model_max_length, CLIP_MAX_LENGTH)
     max_length = max_length or default_length
     key = f"{'hf-clip' if clip else 'hf'}:{identity}" + _key_suffix(layer, max_length, default_length)
-    return HuggingFaceTextEncoder(model, tokenizer, key, max_length, layer, final_norm)
+    # float32 whatever the files hold: transformers 5 keeps a half-precision checkpoint in half precision.
+    return HuggingFaceTextEncoder(model.float(), tokenizer, key, max_length, layer, final_norm)
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -189,6 +189,16 @@ def test_hf_bert_round_trip(bert_dir):
     torch.testing.assert_close(hidden, reference)
 
 
+def test_hf_half_precision_checkpoint_loads_in_float32(tmp_path):
+    from transformers import BertModel
+
+    folder = _save_bert(tmp_path / "bert", seed=1)
+    BertModel.from_pretrained(folder).half().save_pretrained(folder)  # as some hub checkpoints ship
+    enc = build_text_encoder(f"hf:{folder}")
+    assert {p.dtype for p in enc.parameters()} == {torch.float32}
+    assert enc.encode(CAPTIONS[:2])[0].dtype == torch.float32
+
+
 def test_hf_clip_round_trip_and_penultimate(clip_dir):
     from transformers import CLIPTextModel
 
