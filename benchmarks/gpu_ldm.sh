@@ -43,6 +43,8 @@ run unet45m_cache --cache_dir "$out/cache" --model unet-45m
 run unet45m_cache_channels_last --cache_dir "$out/cache" --model unet-45m --channels_last
 run unet45m_cache_compiled --cache_dir "$out/cache" --model unet-45m --compile
 run unet45m_cache_compiled_channels_last --cache_dir "$out/cache" --model unet-45m --compile --channels_last
+run unet45m_cache_compiled_default --cache_dir "$out/cache" --model unet-45m --compile --compile_mode default
+run ditb_cache_compiled --cache_dir "$out/cache" --model dit-b --compile      # the larger preset: 181.5M
 run dit45m_no_cache                                  # VAE and CLIP in the loop, as diffusers' example runs them
 python3 - "$out" <<'PY'
 import json, sys

@@ -12,7 +12,9 @@ replays), to tell a GPU-bound step from a host-bound one. Comparisons in one pro
 
 - `--host_sync`: every optimizer step decides on the host whether its gradients are finite (clip_and_step's
   synchronising path) instead of on the GPU;
-- `--fixed_batch`: every step trains on the first batch, so the data loader's cost drops out.
+- `--fixed_batch`: every step trains on the first batch, so the data loader's cost drops out;
+- `--diffusers_attention`: the UNet's attention runs through diffusers' own processor, without the head padding
+  that lets heads of 3-6 channels use the fused kernels (common.denoisers.PaddedHeadAttnProcessor).
 """
 
 import argparse
@@ -25,6 +27,7 @@ from collections import defaultdict
 
 import torch
 
+import common.denoisers
 import common.training
 from common.perf import DryRun
 
@@ -82,6 +85,8 @@ def main():
     parser.add_argument("--steps", type=int, default=10, help="steps to profile after the dry run")
     parser.add_argument("--host_sync", action="store_true", help="decide skipped steps on the host (synchronising)")
     parser.add_argument("--fixed_batch", action="store_true", help="train every step on the first batch")
+    parser.add_argument("--diffusers_attention", action="store_true",
+                        help="UNet attention through diffusers' processor, heads not padded")
     parser.add_argument("script", help="the training script, then its arguments (with --dry_run)")
     args, rest = parser.parse_known_args()
     if not torch.cuda.is_available():
@@ -97,6 +102,8 @@ def main():
     if args.host_sync:
         deferred = common.training.clip_and_step_all
         common.training.clip_and_step_all = lambda accelerator, updates, defer=False: deferred(accelerator, updates)
+    if args.diffusers_attention:
+        common.denoisers.UNetDenoiser.pad_attention_heads = lambda self: None
     spec = importlib.util.spec_from_file_location("profiled_script", args.script)
     script = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = script

@@ -130,6 +130,10 @@ def _meta_flops(config, latent_shape, context_len):
 
     with torch.device("meta"):
         model = build_denoiser(config)
+        if config["family"] == "unet":  # the model's own FLOPs: attention heads at their size, not padded to 8
+            from diffusers.models.attention_processor import AttnProcessor2_0
+
+            model.unet.set_attn_processor(AttnProcessor2_0())
         x = torch.empty(1, *latent_shape)
         context = torch.empty(1, context_len, config["context_dim"])
         mask = torch.ones(1, context_len, dtype=torch.bool)
@@ -343,6 +347,51 @@ class DiT(nn.Module):
 # UNet: diffusers' UNet2DConditionModel (the Stable Diffusion layout) behind the same forward
 
 
+class PaddedHeadAttnProcessor:
+    """Attention for diffusers' `Attention` with each head zero-padded to a multiple of 8 channels: the same result.
+
+    PyTorch's fused attention kernels (flash, cuDNN, memory-efficient) need head sizes that are multiples of 8 in
+    bf16/fp16; anything else falls back to the math path, which materialises every (query, key) score. The 45M UNet
+    preset has heads of 3, 4 and 6 channels (diffusers' `attention_head_dim` is the number of heads), so its
+    self-attention over 32 x 32 latents fell back. Zero channels add nothing to q.k, and a zero channel of v gives a
+    zero output channel that is cut off; the softmax scale stays 1/sqrt(true head size). Parameters and state dict
+    are untouched, so checkpoints move freely between this processor and diffusers' own.
+
+    Handles what UNet2DConditionModel's transformer blocks use: self- and cross-attention on (B, L, C) tokens with
+    an optional additive mask. Anything else (spatial norms, group norms, 4-D inputs) is refused.
+    """
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None, **kwargs):
+        if attn.spatial_norm is not None or attn.group_norm is not None or hidden_states.ndim != 3:
+            raise ValueError("PaddedHeadAttnProcessor handles token attention only (no spatial or group norm)")
+        residual = hidden_states
+        batch, _, _ = hidden_states.shape
+        context = hidden_states if encoder_hidden_states is None else encoder_hidden_states
+        if encoder_hidden_states is not None and attn.norm_cross:
+            context = attn.norm_encoder_hidden_states(context)
+        if attention_mask is not None:
+            attention_mask = attn.prepare_attention_mask(attention_mask, context.shape[1], batch)
+            attention_mask = attention_mask.view(batch, attn.heads, -1, attention_mask.shape[-1])
+
+        query, key, value = attn.to_q(hidden_states), attn.to_k(context), attn.to_v(context)
+        head = key.shape[-1] // attn.heads
+        padded = -(-head // 8) * 8
+
+        def heads(x):  # (B, L, heads * head) -> (B, heads, L, padded)
+            x = x.view(batch, -1, attn.heads, head).transpose(1, 2)
+            return F.pad(x, (0, padded - head)) if padded != head else x
+
+        query, key, value = heads(query), heads(key), heads(value)
+        if attn.norm_q is not None or attn.norm_k is not None:
+            raise ValueError("PaddedHeadAttnProcessor does not handle q/k norms")
+        out = F.scaled_dot_product_attention(query, key, value, attn_mask=attention_mask, scale=head ** -0.5)
+        out = out[..., :head].transpose(1, 2).reshape(batch, -1, attn.heads * head).to(query.dtype)
+        out = attn.to_out[1](attn.to_out[0](out))
+        if attn.residual_connection:
+            out = out + residual
+        return out / attn.rescale_output_factor
+
+
 class UNetDenoiser(nn.Module):
     """diffusers' UNet2DConditionModel, called as model(x, t, context, context_mask).
 
@@ -372,6 +421,16 @@ class UNetDenoiser(nn.Module):
             layers_per_block=layers_per_block, cross_attention_dim=context_dim, attention_head_dim=attention_head_dim,
             norm_num_groups=norm_num_groups, down_block_types=tuple(down_block_types),
             up_block_types=tuple(up_block_types))
+        self.pad_attention_heads()
+
+    def pad_attention_heads(self):
+        """Run every attention whose head size is not a multiple of 8 through PaddedHeadAttnProcessor."""
+        processors = {}
+        for name, processor in self.unet.attn_processors.items():
+            attn = self.unet.get_submodule(name.rsplit(".", 1)[0])
+            odd = (attn.inner_dim // attn.heads) % 8 != 0
+            processors[name] = PaddedHeadAttnProcessor() if odd else processor
+        self.unet.set_attn_processor(processors)
 
     @property
     def gradient_checkpointing(self):

@@ -219,3 +219,35 @@ def test_gradient_checkpointing_gives_the_same_gradients():
     unet = tiny("unet-tiny")
     unet.gradient_checkpointing = True
     assert unet.gradient_checkpointing and unet.unet.is_gradient_checkpointing
+
+
+def test_padded_attention_heads_match_diffusers_attention():
+    # 10 heads over widths 32 and 64 give heads of 3 and 6 channels, as unet-45m's 40 heads do; those are padded to
+    # 8 for the fused kernels. The function, parameters and gradients must be diffusers' own.
+    from diffusers.models.attention_processor import AttnProcessor2_0
+
+    from common.denoisers import PaddedHeadAttnProcessor
+
+    padded = tiny("unet-tiny", attention_head_dim=10).double()
+    processors = padded.unet.attn_processors
+    assert processors and all(isinstance(p, PaddedHeadAttnProcessor) for p in processors.values())
+    reference = tiny("unet-tiny", attention_head_dim=10).double()
+    reference.unet.set_attn_processor(AttnProcessor2_0())
+    assert padded.state_dict().keys() == reference.state_dict().keys()
+
+    x, t, context, mask = inputs()
+    x, context = x.double(), context.double()
+    mask[0, 4:] = False  # padding in one caption, none in the other
+    outputs, grads = [], []
+    for model in (padded, reference):
+        model.zero_grad()
+        out = model(x, t, context, mask)
+        out.square().mean().backward()
+        outputs.append(out)
+        grads.append(torch.cat([p.grad.flatten() for p in model.parameters()]))
+    assert outputs[0].abs().mean() > 0.1
+    torch.testing.assert_close(outputs[0], outputs[1], rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(grads[0], grads[1], rtol=1e-10, atol=1e-12)
+
+    # heads that are already multiples of 8 keep diffusers' processor
+    assert not any(isinstance(p, PaddedHeadAttnProcessor) for p in tiny("unet-tiny").unet.attn_processors.values())
