@@ -15,6 +15,7 @@ The protocol (one connection per run, JSON lines): the client sends {"argv", "cw
 runs, then {"returncode": N} when it has ended (negative: killed by that signal, as subprocess reports it).
 """
 
+import gc
 import json
 import os
 import select
@@ -109,6 +110,12 @@ if __name__ == "__main__":
         print(f"forkserver: threads {threading.enumerate()} after the imports; not serving", file=sys.stderr,
               flush=True)
         sys.exit(1)
+    # The preloaded modules' objects go to the collector's permanent generation: a child's garbage collections,
+    # and the ones of its exit, then walk only the objects of its own run. Walking the whole preloaded heap (and
+    # writing to every page of it, copying each page that the child shares with this process) took a child 3 s
+    # to exit, and 0.6 s once frozen; the run itself is unchanged.
+    gc.collect()
+    gc.freeze()
     request = _serve(socket_path)
     _become(request)
     import runpy
