@@ -46,8 +46,8 @@ from common.optim import build_optimizer, build_scheduler, observe_plateau
 from common.perf import DryRun, FlopCount, Throughput, peak_bf16_flops
 from common.spectral import MelConfig, MultiResolutionSTFTLoss, MultiScaleMelLoss, griffin_lim
 from common.training import (GracefulStop, MetricsAccumulator, MetricsFile, SkipGuard, StopCondition, Watchdog,
-                             bf16_if_supported, clip_and_step_all, freeze, frozen, init_trackers, log_changed_settings,
-                             new_run_id, setup_accelerator, tracker_tags, write_run_info)
+                             all_stepped, bf16_if_supported, clip_and_step_all, freeze, frozen, init_trackers,
+                             log_changed_settings, new_run_id, setup_accelerator, tracker_tags, write_run_info)
 from common.vocoder import load_vocoder, read_vocoder_mel_config
 
 logger = get_logger(__name__)
@@ -383,7 +383,9 @@ def train_step(x, model, disc, spectral, opt_vae, opt_disc, accelerator, args, s
             updates = {"vae": (opt_vae, model.parameters(), args.max_grad_norm)}
             if gan_on:
                 updates["disc"] = (opt_disc, disc.parameters(), args.max_grad_norm)
-            for name, (norm, stepped) in zip(updates, clip_and_step_all(accelerator, list(updates.values()))):
+            # defer: no host sync; a non-finite step is skipped on the GPU (fused AdamW) and counted at the next log
+            results = clip_and_step_all(accelerator, list(updates.values()), defer=True)
+            for name, (norm, stepped) in zip(updates, results):
                 out[f"grad_norm/{name}"], out[f"stepped/{name}"] = norm, stepped
 
     per_channel, active = latent_health(mean, logvar, args.active_threshold)
@@ -772,12 +774,12 @@ def main(args):
             continue
 
         # One optimizer step done. A schedule advances with its own optimizer (D's starts with the GAN).
-        guard.update(all(stepped.values()), global_step + 1)
+        guard.update(all_stepped(stepped.values()), global_step + 1)
         for name, ok in stepped.items():
-            if ok:
+            if ok is not False:  # a device flag (deferred step): the schedule moves on, as for a skipped step
                 schedulers[name].step()
-        if ema is not None and stepped["vae"]:
-            ema.update(vae)
+        if ema is not None:
+            ema.update(vae, applied=stepped["vae"])
         global_step += 1
         state["epoch"], state["samples_in_epoch"] = epoch, (b + 1) * sampler.global_batch
         throughput.add(samples_per_step, flops.get(gan_on))
@@ -787,6 +789,7 @@ def main(args):
 
         if global_step % args.logging_steps == 0 or global_step == max_steps:
             logs = accumulated.pop(accelerator)  # sync point
+            guard.flush()
             logs.update(throughput.measure())
             logs.update({f"lr/{k}": s.get_last_lr()[0] for k, s in schedulers.items()})
             logs.update({**corrupt.metrics(), "train/skipped_steps": guard.total, "train/epoch": epoch})
@@ -815,6 +818,7 @@ def main(args):
             if stop_when.update(val if accelerator.is_main_process else {}, accelerator, main_only=True):
                 max_steps = global_step  # --stop_when held on a validation metric: this step is the last
         if global_step % args.checkpointing_steps == 0 or global_step == max_steps or stopping:
+            guard.flush()  # a run stopped by too many skipped steps stops here, before writing
             save_checkpoint(accelerator, args, global_step, {**state, "stop_when": stop_when.state_dict(),
                                                              "collapse": collapse.state_dict()},
                             plain, optimizers, schedulers, ema, model_config, guard, corrupt)

@@ -45,8 +45,8 @@ from common.metrics import LatentStats, psnr, ssim
 from common.optim import build_optimizer, build_scheduler, observe_plateau
 from common.perf import DryRun, FlopCount, Throughput, peak_bf16_flops
 from common.training import (GracefulStop, MetricsAccumulator, MetricsFile, SkipGuard, StopCondition, Watchdog,
-                             bf16_if_supported, clip_and_step, freeze, frozen, init_trackers, log_changed_settings,
-                             new_run_id, setup_accelerator, tracker_tags, write_run_info)
+                             all_stepped, bf16_if_supported, clip_and_step, freeze, frozen, init_trackers,
+                             log_changed_settings, new_run_id, setup_accelerator, tracker_tags, write_run_info)
 
 logger = get_logger(__name__)
 
@@ -339,11 +339,12 @@ def train_step(images, model, disc, lpips, opt_vae, opt_disc, accelerator, args,
         accelerator.backward(total)
 
         if accelerator.sync_gradients:  # the end of the accumulation window: both optimizers step
+            # defer: no host sync; a non-finite step is skipped on the GPU (fused AdamW) and counted at the next log
             if gan_on:
                 out["grad_norm/disc"], out["stepped/disc"] = clip_and_step(
-                    accelerator, opt_disc, disc.parameters(), args.max_grad_norm)
+                    accelerator, opt_disc, disc.parameters(), args.max_grad_norm, defer=True)
             out["grad_norm/vae"], out["stepped/vae"] = clip_and_step(
-                accelerator, opt_vae, model.parameters(), args.max_grad_norm)
+                accelerator, opt_vae, model.parameters(), args.max_grad_norm, defer=True)
 
     out.update({f"loss/{k}": v.detach() for k, v in losses.items()})
     out.update({"loss/total": total.detach(), "latent/mean": mean.detach().mean(),
@@ -604,12 +605,12 @@ def main(args):
             continue
 
         # One optimizer step done. A schedule advances with its own optimizer (D's starts with the GAN).
-        guard.update(all(stepped.values()), global_step + 1)
+        guard.update(all_stepped(stepped.values()), global_step + 1)
         for name, ok in stepped.items():
-            if ok:
+            if ok is not False:  # a device flag (deferred step): the schedule moves on, as for a skipped step
                 schedulers[name].step()
-        if ema is not None and stepped["vae"]:
-            ema.update(vae)
+        if ema is not None:
+            ema.update(vae, applied=stepped["vae"])
         global_step += 1
         state["epoch"], state["samples_in_epoch"] = epoch, (b + 1) * sampler.global_batch
         throughput.add(samples_per_step, flops.get(regime))
@@ -619,6 +620,7 @@ def main(args):
 
         if global_step % args.logging_steps == 0 or global_step == max_steps:
             logs = accumulated.pop(accelerator)  # sync point
+            guard.flush()
             logs.update(throughput.measure())
             logs.update({f"lr/{k}": s.get_last_lr()[0] for k, s in schedulers.items()})
             logs.update({**corrupt.metrics(), "train/skipped_steps": guard.total, "train/epoch": epoch})
@@ -643,6 +645,7 @@ def main(args):
             if stop_when.update(val if accelerator.is_main_process else {}, accelerator, main_only=True):
                 max_steps = global_step  # --stop_when held on a validation metric: this step is the last
         if global_step % args.checkpointing_steps == 0 or global_step == max_steps or stopping:
+            guard.flush()  # a run stopped by too many skipped steps stops here, before writing
             save_checkpoint(accelerator, args, global_step, {**state, "stop_when": stop_when.state_dict()}, plain,
                             optimizers, schedulers, ema, vae_config, guard, corrupt)
             watchdog.beat()

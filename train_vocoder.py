@@ -48,8 +48,8 @@ from common.perf import DryRun, FlopCount, Throughput, peak_bf16_flops
 from common.spectral import (MelConfig, MelSpectrogram, MultiResolutionSTFTLoss, MultiScaleMelLoss,
                              stft_phase_losses)
 from common.training import (GracefulStop, MetricsAccumulator, MetricsFile, SkipGuard, StopCondition, Watchdog,
-                             clip_and_step_all, freeze, frozen, init_trackers, log_changed_settings, new_run_id,
-                             setup_accelerator, tracker_tags, write_run_info)
+                             all_stepped, clip_and_step_all, freeze, frozen, init_trackers, log_changed_settings,
+                             new_run_id, setup_accelerator, tracker_tags, write_run_info)
 from common.vocoder import GENERATOR_PRESETS, build_generator, generator_config, save_vocoder
 
 logger = get_logger(__name__)
@@ -315,7 +315,9 @@ def train_step(audio, generator, disc, mel_fn, spectral, opt_g, opt_d, accelerat
             if gan_on:
                 d_clip = args.max_grad_norm if args.disc_max_grad_norm is None else args.disc_max_grad_norm
                 updates["disc"] = (opt_d, disc.parameters(), d_clip)
-            for name, (norm, stepped) in zip(updates, clip_and_step_all(accelerator, list(updates.values()))):
+            # defer: no host sync; a non-finite step is skipped on the GPU (fused AdamW) and counted at the next log
+            results = clip_and_step_all(accelerator, list(updates.values()), defer=True)
+            for name, (norm, stepped) in zip(updates, results):
                 out[f"grad_norm/{name}"], out[f"stepped/{name}"] = norm, stepped
 
     out.update({f"loss/{k}": v.detach() for k, v in losses.items()})
@@ -574,12 +576,12 @@ def main(args):
             continue
 
         # One optimizer step done. A schedule advances with its own optimizer (D's starts with the GAN).
-        guard.update(all(stepped.values()), global_step + 1)
+        guard.update(all_stepped(stepped.values()), global_step + 1)
         for name, ok in stepped.items():
-            if ok:
+            if ok is not False:  # a device flag (deferred step): the schedule moves on, as for a skipped step
                 schedulers[name].step()
-        if ema is not None and stepped["generator"]:
-            ema.update(generator)
+        if ema is not None:
+            ema.update(generator, applied=stepped["generator"])
         global_step += 1
         state["epoch"], state["samples_in_epoch"] = epoch, (b + 1) * sampler.global_batch
         throughput.add(samples_per_step, flops.get(gan_on))
@@ -589,6 +591,7 @@ def main(args):
 
         if global_step % args.logging_steps == 0 or global_step == max_steps:
             logs = accumulated.pop(accelerator)  # sync point
+            guard.flush()
             logs.update(throughput.measure())
             logs.update({f"lr/{k}": s.get_last_lr()[0] for k, s in schedulers.items()})
             logs.update({**corrupt.metrics(), "train/skipped_steps": guard.total, "train/epoch": epoch})
@@ -613,6 +616,7 @@ def main(args):
             if stop_when.update(val if accelerator.is_main_process else {}, accelerator, main_only=True):
                 max_steps = global_step  # --stop_when held on a validation metric: this step is the last
         if global_step % args.checkpointing_steps == 0 or global_step == max_steps or stopping:
+            guard.flush()  # a run stopped by too many skipped steps stops here, before writing
             save_checkpoint(accelerator, args, global_step, {**state, "stop_when": stop_when.state_dict()}, plain,
                             optimizers, schedulers, ema, model_config, guard, corrupt)
             watchdog.beat()

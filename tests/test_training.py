@@ -5,8 +5,8 @@ import pytest
 import torch
 from accelerate import Accelerator
 
-from common.training import (MetricsAccumulator, MetricsFile, SkipGuard, clip_and_step, clip_and_step_all, frozen,
-                             init_trackers, read_metrics, rng_state, set_rng_state, tracker_tags)
+from common.training import (MetricsAccumulator, MetricsFile, SkipGuard, all_stepped, clip_and_step, clip_and_step_all,
+                             frozen, init_trackers, read_metrics, rng_state, set_rng_state, tracker_tags)
 
 
 def test_rng_state_round_trip_through_a_weights_only_file(tmp_path):
@@ -153,3 +153,11 @@ def test_default_tags_name_the_script_its_recipe_and_its_model():
     args = argparse.Namespace(config="configs/vocoder_dac.yaml", model="hifigan-5m")
     assert tracker_tags(args, "/repo/train_vocoder.py") == ["train_vocoder", "vocoder_dac", "hifigan-5m"]
     assert tracker_tags(argparse.Namespace(config=None), "train_rvq.py") == ["train_rvq"]
+
+
+def test_all_stepped_combines_host_and_device_flags():
+    assert all_stepped([True, True]) is True and all_stepped([True, False]) is False
+    assert all_stepped([torch.tensor(True), False]) is False  # known on the host: no tensor needed
+    combined = all_stepped([torch.tensor(True), True, torch.tensor(False)])
+    assert torch.is_tensor(combined) and combined.shape == () and not combined
+    assert all_stepped([torch.tensor(True), True])
