@@ -358,12 +358,13 @@ class PaddedHeadAttnProcessor:
     are untouched, so checkpoints move freely between this processor and diffusers' own.
 
     Handles what UNet2DConditionModel's transformer blocks use: self- and cross-attention on (B, L, C) tokens with
-    an optional additive mask. Anything else (spatial norms, group norms, 4-D inputs) is refused.
+    an optional additive mask. Anything else (spatial, group or q/k norms, 4-D inputs) is refused.
     """
 
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None, **kwargs):
-        if attn.spatial_norm is not None or attn.group_norm is not None or hidden_states.ndim != 3:
-            raise ValueError("PaddedHeadAttnProcessor handles token attention only (no spatial or group norm)")
+        if (attn.spatial_norm is not None or attn.group_norm is not None or attn.norm_q is not None
+                or attn.norm_k is not None or hidden_states.ndim != 3):
+            raise ValueError("PaddedHeadAttnProcessor handles token attention only (no spatial, group or q/k norms)")
         residual = hidden_states
         batch, _, _ = hidden_states.shape
         context = hidden_states if encoder_hidden_states is None else encoder_hidden_states
@@ -382,10 +383,8 @@ class PaddedHeadAttnProcessor:
             return F.pad(x, (0, padded - head)) if padded != head else x
 
         query, key, value = heads(query), heads(key), heads(value)
-        if attn.norm_q is not None or attn.norm_k is not None:
-            raise ValueError("PaddedHeadAttnProcessor does not handle q/k norms")
         out = F.scaled_dot_product_attention(query, key, value, attn_mask=attention_mask, scale=head ** -0.5)
-        out = out[..., :head].transpose(1, 2).reshape(batch, -1, attn.heads * head).to(query.dtype)
+        out = out[..., :head].transpose(1, 2).reshape(batch, -1, attn.heads * head)
         out = attn.to_out[1](attn.to_out[0](out))
         if attn.residual_connection:
             out = out + residual

@@ -195,8 +195,8 @@ class DryRun:
             return lines
         # A card of N GB holds N * 0.93 GiB; 10% headroom for the allocator's fragmentation and other processes.
         fits = [f"{card} GB: {'fits' if peak * 1.1 <= card * 0.93 else 'does not fit'}" for card in self.CARDS_GIB]
-        lines.append(f"peak GPU memory {peak:.2f} GiB reserved ({firsts} {first_peak:.2f} GiB, start-up transients such as "
-                     f"cuDNN's autotuning included); " + ", ".join(fits))
+        lines.append(f"peak GPU memory {peak:.2f} GiB reserved ({firsts} {first_peak:.2f} GiB, start-up transients "
+                     f"such as cuDNN's autotuning included); " + ", ".join(fits))
         if peak * 1.1 > self.CARDS_GIB[0] * 0.93:
             lines.append("to fit a 32 GB card: " + "; ".join(self.hints))
         return lines

@@ -144,12 +144,10 @@ def all_stepped(flags):
     """Whether every optimizer of one step stepped: a bool, or a device bool tensor (no sync) when any flag is one
     (clip_and_step with defer=True)."""
     flags = list(flags)
-    if not any(torch.is_tensor(f) for f in flags):
-        return all(flags)
     if any(f is False for f in flags):
         return False
-    tensors = [f for f in flags if torch.is_tensor(f)]
-    return torch.stack([t.reshape(()) for t in tensors]).all()
+    tensors = [f.reshape(()) for f in flags if torch.is_tensor(f)]
+    return torch.stack(tensors).all() if tensors else True
 
 
 class SkipGuard:
