@@ -686,7 +686,6 @@ def main(args):
             features.mel_mean, features.mel_std = measure_mel_normalization(train_set, features.mel,
                                                                             args.mel_norm_num_segments, device)
         logger.info(f"log-mel normalisation: mean {features.mel_mean:.3f}, std {features.mel_std:.3f}")
-    watchdog.beat()  # start-up (imports, validation audio, the measurement above) is not a stall
     model_config = {"vae": _jsonable(dict(vae.config)), "mode": args.mode, "mel": mel.to_dict(),
                     "mel_normalization": {"mean": features.mel_mean, "std": features.mel_std}}
     spectral = WaveformLosses(args, features.mel).to(device) if args.mode == "waveform" else None

@@ -31,6 +31,7 @@ import re
 import shutil
 import sys
 import tarfile
+import time
 from contextlib import nullcontext
 from pathlib import Path
 
@@ -707,7 +708,7 @@ def check_cache(folder, key):
     the differing fields otherwise."""
     meta_file = Path(folder) / "cache.json"
     if not meta_file.is_file():
-        if Path(folder).is_dir() and any(Path(folder).iterdir()):
+        if Path(folder).is_dir() and any(not p.name.endswith(".tmp") for p in Path(folder).iterdir()):
             raise SystemExit(f"--cache_dir {folder}: not empty and holds no cache.json; give an empty or new folder")
         return None
     meta = json.loads(meta_file.read_text())
@@ -718,6 +719,24 @@ def check_cache(folder, key):
         raise SystemExit(f"--cache_dir {folder} was built for another setup: {'; '.join(differ)}; give a new "
                          f"--cache_dir (or delete this one to rebuild it)")
     return meta
+
+
+def write_cache_meta(folder, meta):
+    """cache.json, replaced atomically: other processes read it while the main process builds."""
+    tmp = Path(folder) / "cache.json.tmp"
+    tmp.write_text(json.dumps(meta, indent=1))
+    os.replace(tmp, Path(folder) / "cache.json")
+
+
+def wait_for_cache(folder, key, poll_seconds=5.0):
+    """The other processes' side of `build_cache`: poll until the main process has completed the cache. No
+    collective waits here, since a large build takes longer than any collective's timeout; if the main process
+    dies, the launcher stops the others."""
+    while True:
+        meta = check_cache(folder, key) if (Path(folder) / "cache.json").is_file() else None
+        if meta is not None and meta["complete"]:
+            return meta
+        time.sleep(poll_seconds)
 
 
 def build_cache(folder, key, items, kind, latent_space, text_encoder, args, device):
@@ -733,7 +752,7 @@ def build_cache(folder, key, items, kind, latent_space, text_encoder, args, devi
     if meta["complete"]:
         logger.info(f"using the cache in {folder}: {meta['num_items']} items")
         return meta
-    (folder / "cache.json").write_text(json.dumps(meta, indent=1))
+    write_cache_meta(folder, meta)
     dtype = np.float16 if args.cache_dtype == "float16" else np.float32
     dataset = RawDataset(items, kind, args.resolution, False, args.seed, *audio_lengths(latent_space, args),
                          max_retries=0)
@@ -771,14 +790,12 @@ def build_cache(folder, key, items, kind, latent_space, text_encoder, args, devi
                 np.save(tmp / f"{k}.npy", array.astype(dtype) if array.dtype.kind == "f" else array)
         np.save(tmp / "index.npy", np.asarray(kept, dtype=np.int64))
         os.replace(tmp, folder / name)
-        (folder / "cache.json").write_text(json.dumps(meta, indent=1))  # keeps the corrupt items found so far
+        write_cache_meta(folder, meta)  # keeps the corrupt items found so far
     progress.close()
     meta["shards"] = [{"name": f"shard_{s:05d}", "num_items": len(np.load(folder / f"shard_{s:05d}" / "index.npy",
                                                                              mmap_mode="r"))} for s in range(num_shards)]
     meta["num_items"], meta["complete"] = sum(s["num_items"] for s in meta["shards"]), True
-    tmp = folder / "cache.json.tmp"
-    tmp.write_text(json.dumps(meta, indent=1))
-    os.replace(tmp, folder / "cache.json")
+    write_cache_meta(folder, meta)
     for where, reason in meta["skipped"]:
         logger.warning(f"left out of the cache, corrupt: {where}: {reason}")
     logger.info(f"built the cache in {folder}: {meta['num_items']} items, {len(meta['skipped'])} corrupt left out")
@@ -1380,9 +1397,10 @@ def main(args):
         null_context, null_mask = text_encoder.encode([""], device)  # CFG's unconditional branch: the empty prompt
     if args.cache_dir:
         key = cache_key(args, latent_space, text_encoder, train_items, kind)
-        with accelerator.main_process_first():  # the main process builds; the others then find it complete
-            meta = build_cache(args.cache_dir, key, train_items, kind, latent_space, text_encoder, args, device) \
-                if accelerator.is_main_process else check_cache(args.cache_dir, key)
+        if accelerator.is_main_process:  # the main process builds; the others wait until it is complete
+            meta = build_cache(args.cache_dir, key, train_items, kind, latent_space, text_encoder, args, device)
+        else:
+            meta = wait_for_cache(args.cache_dir, key)
         train_set, collate_fn = CachedDataset(args.cache_dir, meta, args.seed), (lambda batch: batch)
     else:
         train_set = RawDataset(train_items, kind, args.resolution, args.random_flip, args.seed, sample_rate, num_samples)

@@ -487,16 +487,18 @@ class Watchdog:
     """If no `beat()` comes for `timeout` seconds, print every thread's stack and exit with status 3.
 
     A collective that waits for a process that died, or a data loader worker that hangs, otherwise blocks a run
-    for ever without a word. Beat after every optimizer step and around long pauses (validation, checkpoints).
+    for ever without a word. The first beat, just before the training loop, arms it: start-up (imports, loading
+    models, building a cache) takes as long as it takes, and a collective stuck there times out with the process
+    group (`process_group_kwargs`). Beat after every optimizer step and around long pauses (validation, checkpoints).
     """
 
     def __init__(self, timeout):
         self.timeout = timeout
-        self.last = time.monotonic()
-        if timeout and timeout > 0:
-            threading.Thread(target=self._watch, name="watchdog", daemon=True).start()
+        self.last = None
 
     def beat(self):
+        if self.last is None and self.timeout and self.timeout > 0:
+            threading.Thread(target=self._watch, name="watchdog", daemon=True).start()
         self.last = time.monotonic()
 
     def _watch(self):

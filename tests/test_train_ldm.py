@@ -201,6 +201,28 @@ def test_a_cache_built_for_another_vae_is_refused(parts, tmp_path):
     assert "was built for another setup: vae (" in last and "give a new --cache_dir" in last, last
 
 
+def test_other_processes_wait_for_the_cache_without_a_collective(tmp_path):
+    """With several GPUs the main process builds the cache, which may take longer than a collective's timeout; the
+    others poll its cache.json until it says complete (and refuse a cache built for another setup)."""
+    import threading
+    import time
+
+    key = {"vae": "a", "flips": 1}
+    meta = {"format": script.CACHE_FORMAT, "key": key, "complete": False, "shards": [], "skipped": []}
+    script.write_cache_meta(tmp_path, meta)
+    (tmp_path / "shard_00000").mkdir()  # a build in progress
+    got = {}
+    waiter = threading.Thread(target=lambda: got.update(meta=script.wait_for_cache(tmp_path, key, poll_seconds=0.02)))
+    waiter.start()
+    time.sleep(0.3)
+    assert waiter.is_alive() and not got
+    script.write_cache_meta(tmp_path, {**meta, "complete": True, "num_items": 3})
+    waiter.join(timeout=10)
+    assert got["meta"]["complete"] and got["meta"]["num_items"] == 3
+    with pytest.raises(SystemExit, match="was built for another setup: vae"):
+        script.wait_for_cache(tmp_path, {"vae": "b", "flips": 1}, poll_seconds=0.02)
+
+
 def test_corrupt_images_are_left_out_of_the_cache_and_counted(parts, tmp_path):
     import shutil
 

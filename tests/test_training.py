@@ -161,3 +161,24 @@ def test_all_stepped_combines_host_and_device_flags():
     combined = all_stepped([torch.tensor(True), True, torch.tensor(False)])
     assert torch.is_tensor(combined) and combined.shape == () and not combined
     assert all_stepped([torch.tensor(True), True])
+
+
+def test_watchdog_is_armed_by_the_first_beat_and_then_exits_on_a_stall():
+    """Start-up may take longer than --stall_timeout (imports, model loading, a cache); a stalled loop may not."""
+    import subprocess
+    import sys
+    import time
+    from pathlib import Path
+
+    program = ("import sys, time; from common.training import Watchdog; w = Watchdog(0.4); time.sleep(1.5); "
+               "print('start-up done', flush=True); w.beat(); time.sleep(0.2); w.beat(); "
+               "print('stepped', flush=True); time.sleep(float(sys.argv[1])); print('finished', flush=True)")
+    root = str(Path(__file__).resolve().parents[1])
+    started = time.monotonic()
+    stalled = subprocess.run([sys.executable, "-c", program, "30"], cwd=root, capture_output=True, text=True,
+                             timeout=60)
+    assert stalled.returncode == 3 and time.monotonic() - started < 20
+    assert stalled.stdout.split() == ["start-up", "done", "stepped"]
+    assert "no training progress for" in stalled.stderr and "--stall_timeout 0.4" in stalled.stderr
+    quick = subprocess.run([sys.executable, "-c", program, "0"], cwd=root, capture_output=True, text=True, timeout=60)
+    assert quick.returncode == 0 and "finished" in quick.stdout
