@@ -227,7 +227,8 @@ def add_run_args(parser, *, batch_size, max_train_steps, checkpointing_steps, va
                         "(and their optimizer state) fresh. Without it such a resume is refused.")
     g.add_argument("--stall_timeout", type=non_negative_float, default=1800.0,
                    help="Seconds without a finished step after which every thread's stack is printed and the run "
-                        "exits (a stuck collective or data loader); 0 disables.")
+                        "exits (a stuck collective or data loader); counted from the first step, so start-up is "
+                        "not, but each validation and checkpoint must finish within it; 0 disables.")
     g.add_argument("--report_to", type=str, default="tensorboard", choices=["tensorboard", "wandb", "all", "none"],
                    help="Experiment tracker (metrics.jsonl in --output_dir is written in every case).")
     g.add_argument("--tracker_project_name", type=str, default=None, help="wandb project / tensorboard run name.")

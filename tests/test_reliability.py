@@ -235,6 +235,30 @@ def test_accumulation_matches_the_big_batch(spec):
     assert set(grad_count.values()) == {4}
 
 
+@pytest.fixture(scope="module")
+def ddp_probes(tmp_path_factory):
+    """tests/ddp_probe.py: every script's probe step run once by two gloo processes under DDP."""
+    out = tmp_path_factory.mktemp("ddp_probes")
+    run("tests/ddp_probe.py", out, launcher="accelerate", processes=2, timeout=600)
+    return out
+
+
+def test_two_processes_step_like_one_process_with_the_whole_batch(spec, ddp_probes):
+    """2 processes x batch 4 (and 2 x 2 micro-batches of 2) == 1 process x batch 8 (float64): both optimizers of
+    the GAN scripts, clipping active, both processes left with identical weights, and no unused-parameter error
+    from DDP (which runs without find_unused_parameters)."""
+    torch.manual_seed(0)
+    big, _, _, big_metrics = spec.accumulation_probe([spec.probe_batch()], 1, 1e-3)
+    for accumulation in (1, 2):
+        ranks = [torch.load(ddp_probes / f"{spec.name}-acc{accumulation}-rank{r}.pt") for r in (0, 1)]
+        assert all(torch.equal(ranks[0]["weights"][k], ranks[1]["weights"][k]) for k in big)
+        for k in big:
+            assert torch.allclose(big[k], ranks[0]["weights"][k], rtol=1e-9, atol=1e-12), (accumulation, k)
+        assert torch.allclose(ranks[0]["grad_norm"], torch.as_tensor(big_metrics[-1][spec.grad_norm_key]),
+                              rtol=1e-12)
+        assert float(ranks[0]["grad_norm"]) > 1e-3  # clipping was active
+
+
 # 6 --------------------------------------------------------------------------------------------------------------
 
 @pytest.mark.slow
