@@ -312,6 +312,10 @@ class RVQTransformer(nn.Module):
         self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.layers))
         self.norm = nn.LayerNorm(d)
         self.head = nn.Linear(d, K * V, bias=False)
+        if self.pos is None:  # the rotary angles' cos and sin, computed once (not in every attention layer's kernel)
+            self.register_buffer("rope_cos", torch.empty(0), persistent=False)
+            self.register_buffer("rope_sin", torch.empty(0), persistent=False)
+            self._extend_rope(cfg.max_positions)
         self.apply(self._init)
         for name, p in self.named_parameters():  # GPT-2: residual projections scaled by depth
             if name.endswith("proj.weight") or name.endswith("mlp.2.weight"):
@@ -322,11 +326,19 @@ class RVQTransformer(nn.Module):
         if isinstance(m, (nn.Linear, nn.Embedding)):
             nn.init.normal_(m.weight, std=0.02)
 
-    def rope(self, T, device):
+    def _extend_rope(self, length):
+        """Tables of cos and sin for positions 0..length-1 (float32). Computed inside the compiled forward, the
+        angles were recomputed in each layer's rotary kernel: a quarter of an H100 step at d768/16 layers/ctx 1024."""
         half = self.cfg.d_model // self.cfg.heads // 2
+        device = self.rope_cos.device
         freqs = 1.0 / (10000 ** (torch.arange(half, device=device, dtype=torch.float32) / half))
-        angles = torch.arange(T, device=device, dtype=torch.float32)[:, None] * freqs
-        return angles.cos(), angles.sin()
+        angles = torch.arange(length, device=device, dtype=torch.float32)[:, None] * freqs
+        self.rope_cos, self.rope_sin = angles.cos(), angles.sin()
+
+    def rope(self, T):
+        if T > self.rope_cos.shape[0]:  # longer than any context so far: rare, and recompiles
+            self._extend_rope(max(T, 2 * self.rope_cos.shape[0]))
+        return self.rope_cos[:T], self.rope_sin[:T]
 
     def forward(self, tokens):
         """tokens: (B, T, K) in [0, codebook_size] (codebook_size = pad) -> logits (B, T, K, codebook_size)."""
@@ -336,7 +348,7 @@ class RVQTransformer(nn.Module):
         if self.pos is not None:
             x = x + self.pos(torch.arange(T, device=tokens.device))
         else:
-            rope = self.rope(T, tokens.device)
+            rope = self.rope(T)
         x = self.drop(x)
         for block in self.blocks:
             x = block(x, rope)

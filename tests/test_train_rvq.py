@@ -71,6 +71,22 @@ def test_model_is_causal(positions):
     assert torch.allclose(a[:, :6], b[:, :6], atol=1e-6) and not torch.allclose(a[:, 6:], b[:, 6:])
 
 
+def test_rotary_tables_extend_past_max_positions_and_are_relative():
+    cfg = dict(num_codebooks=3, codebook_size=16, dropout=0.0, **script.PRESETS["tiny"])
+    short = script.build_model(script.RVQConfig(max_positions=8, **cfg)).eval()
+    long = script.build_model(script.RVQConfig(max_positions=64, **cfg)).eval()
+    long.load_state_dict(short.state_dict())  # the tables are not weights: nothing to load, nothing saved
+    assert "rope_cos" not in short.state_dict()
+    tokens = torch.randint(17, (2, 20, 3))
+    assert torch.equal(short(tokens), long(tokens)) and short.rope_cos.shape[0] >= 20
+    # Rotary attention sees relative positions only: q.k between positions i and j depends on i - j alone.
+    q = torch.randn(1, 1, 1, 16).expand(1, 1, 30, 16)
+    cos, sin = long.rope(30)
+    rotated = script.rotary(q, cos, sin)[0, 0]
+    dots = rotated @ rotated.T
+    assert torch.allclose(dots.diagonal(3)[:-1], dots.diagonal(3)[1:], atol=1e-5)
+
+
 # Loss, weights, guard ----------------------------------------------------------------------------------------------
 
 def test_codebook_losses_known_values():
