@@ -49,7 +49,7 @@ from common.optim import build_optimizer, build_scheduler, observe_plateau
 from common.perf import DryRun, FlopCount, Throughput, peak_bf16_flops
 from common.training import (GracefulStop, MetricsAccumulator, MetricsFile, SkipGuard, StopCondition, Watchdog,
                              bf16_if_supported, freeze, init_trackers, log_changed_settings, new_run_id, read_metrics,
-                             setup_accelerator, tracker_tags, write_run_info)
+                             setup_accelerator, skips_on_device, step_on_device, tracker_tags, write_run_info)
 
 logger = get_logger(__name__)
 
@@ -416,28 +416,43 @@ def codebook_weights(spec, entropies, alpha):
 class OutlierGuard:
     """Skips an optimizer step whose (all-reduced) loss is non-finite or above `factor` x its running average.
 
-    The average (an EMA with coefficient `beta`) moves only on accepted steps and starts judging after
-    `warmup` of them; factor 0 disables the spike check (non-finite losses are always skipped)."""
+    The average (an EMA with coefficient `beta`, in float64) moves only on accepted steps and starts judging after
+    `warmup` of them; factor 0 disables the spike check (non-finite losses are always skipped). It is kept on the
+    loss's device and decided there, so a step needs no host sync."""
 
     def __init__(self, factor, warmup, beta=0.98):
         self.factor, self.warmup, self.beta = factor, warmup, beta
-        self.average, self.accepted = None, 0
+        self.average, self.accepted = 0.0, 0  # tensors on the loss's device after the first check
 
     def check(self, loss, grad_norm):
-        """None if the step may go ahead, else the reason it is skipped."""
-        if not (math.isfinite(loss) and math.isfinite(grad_norm)):
-            return None if math.isfinite(loss) else "non-finite loss"  # non-finite gradients: SkipGuard's wording
-        if self.factor > 0 and self.accepted >= self.warmup and loss > self.factor * self.average:
-            return f"loss {loss:.4f} is over {self.factor:g}x its running average {self.average:.4f}"
-        self.average = loss if self.average is None else self.beta * self.average + (1 - self.beta) * loss
-        self.accepted += 1
-        return None
+        """(ok, reason): ok, a bool tensor, says whether the step may go ahead; reason(), called once ok was read
+        as False, says why not (None for non-finite gradients with a finite loss: SkipGuard's wording)."""
+        loss = loss.detach().double().reshape(())
+        average = torch.as_tensor(self.average, dtype=torch.float64, device=loss.device)
+        accepted = torch.as_tensor(self.accepted, dtype=torch.int64, device=loss.device)
+        finite_loss = torch.isfinite(loss)
+        finite = finite_loss & torch.isfinite(grad_norm.detach().reshape(()))
+        spike = finite & (accepted >= self.warmup) & (loss > self.factor * average) if self.factor > 0 \
+            else torch.zeros_like(finite)
+        ok = finite & ~spike
+        moved = torch.where(accepted == 0, loss, self.beta * average + (1 - self.beta) * loss)
+        self.average, self.accepted = torch.where(ok, moved, average), accepted + ok.long()
+
+        def reason():
+            if not finite_loss:
+                return "non-finite loss"
+            if spike:
+                return f"loss {loss.item():.4f} is over {self.factor:g}x its running average {average.item():.4f}"
+            return None
+
+        return ok, reason
 
     def state_dict(self):
-        return {"average": self.average, "accepted": self.accepted}
+        accepted = int(self.accepted)
+        return {"average": float(self.average) if accepted else None, "accepted": accepted}
 
     def load_state_dict(self, state):
-        self.average, self.accepted = state["average"], state["accepted"]
+        self.average, self.accepted = state["average"] or 0.0, int(state["accepted"])
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -570,20 +585,24 @@ def train_step(window, model, accelerator, args, cb_weights, pad_id, loss_fn=cod
     return out
 
 
-def guarded_step(accelerator, model, optimizer, window_loss, outlier, args):
+def guarded_step(accelerator, model, optimizer, window_loss, outlier, args, defer=True):
     """Clip, then step unless the window's loss or gradients are non-finite or the loss is an outlier.
 
     The loss is averaged over processes and the gradients are already all-reduced, so every process takes the
-    same decision; both come to the host in one sync. Returns (grad_norm, reason or None)."""
+    same decision. It is taken on the GPU: fused AdamW skips a step from a device flag, so nothing waits for the
+    host, and `stepped` is a bool tensor that SkipGuard reads at its next flush. Other optimizers, fp16 and
+    `defer=False` decide on the host (one sync). Returns (grad_norm, reason callable, stepped)."""
     grad_norm = accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm or math.inf)
     loss = accelerator.reduce(window_loss.detach().float().reshape(1), reduction="mean")[0]
-    norm_value, loss_value = torch.stack([grad_norm.detach().float(), loss]).tolist()  # sync point
-    reason = outlier.check(loss_value, norm_value)
-    finite = math.isfinite(norm_value)
-    if finite and reason is None:
-        optimizer.step()
+    ok, reason = outlier.check(loss, grad_norm)
+    if defer and accelerator.scaler is None and skips_on_device(optimizer):
+        step_on_device(optimizer, ok)
+    else:
+        ok = bool(ok)  # sync point
+        if ok:
+            optimizer.step()
     optimizer.zero_grad(set_to_none=True)
-    return grad_norm.detach(), reason, finite and reason is None
+    return grad_norm.detach(), reason, ok
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -971,10 +990,10 @@ def main(args):
         grad_norm, reason, stepped = guarded_step(accelerator, model, optimizer, window_loss, outlier, args)
         window_loss = torch.zeros((), device=device)
         guard.update(stepped, global_step + 1, reason=reason)
-        if stepped:
+        if stepped is not False:
             scheduler.step()
             if ema is not None:
-                ema.update(plain)
+                ema.update(plain, applied=stepped)
         accumulated.add({"grad_norm/model": grad_norm})
         global_step += 1
         state["epoch"], state["samples_in_epoch"] = epoch, (b + 1) * sampler.global_batch
@@ -987,6 +1006,7 @@ def main(args):
 
         if global_step % args.logging_steps == 0 or global_step == max_steps:
             logs = accumulated.pop(accelerator)
+            guard.flush()  # the skip flags of the steps since the last log (the sync that accumulated.pop made)
             logs.update(throughput.measure())  # samples are windows of --ctx frames
             logs["perf/frames_per_s"] = logs["perf/samples_per_s"] * args.ctx
             logs.update({"lr/model": scheduler.get_last_lr()[0], "train/skipped_steps": guard.total,
@@ -1030,6 +1050,7 @@ def main(args):
             watchdog.beat()
         if global_step % args.checkpointing_steps == 0 or last or stopping or (
                 epoch_end and args.archive_every and (epoch + 1) % args.archive_every == 0):
+            guard.flush()  # a run that must stop for skipped steps stops before writing
             path = save_checkpoint(accelerator, args, global_step, {**state, "stop_when": stop_when.state_dict()},
                                    plain, optimizer, scheduler, ema, cfg, guard, outlier)
             if accelerator.is_main_process and epoch_end and args.archive_every and (epoch + 1) % args.archive_every == 0:

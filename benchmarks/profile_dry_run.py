@@ -11,7 +11,7 @@ Also printed: the host-side operations that took the most CPU time (data loading
 replays), to tell a GPU-bound step from a host-bound one. Comparisons in one process and one compilation cache:
 
 - `--host_sync`: every optimizer step decides on the host whether its gradients are finite (clip_and_step's
-  synchronising path) instead of on the GPU;
+  synchronising path; train_rvq.py's guarded_step with defer=False) instead of on the GPU;
 - `--fixed_batch`: every step trains on the first batch, so the data loader's cost drops out;
 - `--diffusers_attention`: the UNet's attention runs through diffusers' own processor, without the head padding
   that lets heads of 3-6 channels use the fused kernels (common.denoisers.PaddedHeadAttnProcessor).
@@ -108,6 +108,9 @@ def main():
     script = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = script
     spec.loader.exec_module(script)
+    if args.host_sync and hasattr(script, "guarded_step"):
+        guarded = script.guarded_step
+        script.guarded_step = lambda *a, **k: guarded(*a, **{**k, "defer": False})
     if args.fixed_batch:
         batches = script.infinite_batches
 

@@ -121,12 +121,7 @@ def clip_and_step_all(accelerator, updates, defer=False):
         results = []
         for (optimizer, _, _), grad_norm in zip(updates, norms):
             finite = torch.isfinite(grad_norm.detach().float())
-            inner = getattr(optimizer, "optimizer", optimizer)
-            inner.found_inf = (~finite).float()  # read by the fused kernel, as when GradScaler drives it
-            try:
-                optimizer.step()
-            finally:
-                del inner.found_inf
+            step_on_device(optimizer, finite)
             optimizer.zero_grad(set_to_none=True)
             results.append((grad_norm.detach(), finite))
         return results
@@ -138,6 +133,17 @@ def clip_and_step_all(accelerator, updates, defer=False):
         results.append((grad_norm.detach(), ok and not optimizer.step_was_skipped))
         optimizer.zero_grad(set_to_none=True)
     return results
+
+
+def step_on_device(optimizer, ok):
+    """`optimizer.step()`, which the GPU carries out only where the bool tensor `ok` is true: no host sync. For
+    optimizers where `skips_on_device`; a skipped step leaves weights, moments and step counts as they were."""
+    inner = getattr(optimizer, "optimizer", optimizer)
+    inner.found_inf = (~ok).float()  # read by the fused kernel, as when GradScaler drives it
+    try:
+        optimizer.step()
+    finally:
+        del inner.found_inf
 
 
 def all_stepped(flags):
@@ -165,7 +171,9 @@ class SkipGuard:
         self.pending = []
 
     def update(self, stepped, step, what="optimizer", reason=None):
-        """`reason`: why the step was skipped when it was not for non-finite gradients (e.g. a loss spike)."""
+        """`reason`: why the step was skipped when it was not for non-finite gradients (e.g. a loss spike); a
+        callable (called only for a skipped step, after its flag was read) when the decision was taken on the
+        device."""
         if torch.is_tensor(stepped):
             self.pending.append((stepped.detach().reshape(()), step, what, reason))
             return
@@ -174,6 +182,8 @@ class SkipGuard:
             return
         self.consecutive += 1
         self.total += 1
+        if callable(reason):
+            reason = reason()
         logger.warning(f"step {step}: {reason or f'non-finite {what} gradients'}, update skipped "
                        f"({self.consecutive} in a row, {self.total} in all)")
         if self.consecutive >= self.max_consecutive:
