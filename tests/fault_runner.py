@@ -17,6 +17,8 @@ accumulation and no resume, the optimizer step being computed.
 --hang_at_step K               process --hang_rank hangs for ever in the backward pass of micro-step K
 --hang_data_at N               the data iterator hangs for ever before its N-th batch
 --step_delay SECONDS           sleep this long in every backward pass (to make a run slow enough to signal)
+--main_delay SECONDS           process 0 sleeps this long before every wait_for_everyone: its validation, samples
+                               and checkpoint writing are slow while the other processes wait for it
 """
 
 import argparse
@@ -39,6 +41,7 @@ parser.add_argument("--hang_at_step", type=int)
 parser.add_argument("--hang_rank", type=int, default=1)
 parser.add_argument("--hang_data_at", type=int)
 parser.add_argument("--step_delay", type=float)
+parser.add_argument("--main_delay", type=float)
 opts, rest = parser.parse_known_args()
 if rest and rest[0] == "--":
     rest = rest[1:]
@@ -107,6 +110,20 @@ def faulty_backward(self, loss, **kwargs):
 
 
 Accelerator.backward = faulty_backward
+
+if opts.main_delay:
+    original_wait = Accelerator.wait_for_everyone
+    delays = [0]
+
+    def slow_main_wait(self):
+        if self.is_main_process:
+            delays[0] += 1
+            if delays[0] == 1:
+                say(f"process 0 is {opts.main_delay:g} s late at every barrier")
+            time.sleep(opts.main_delay)
+        return original_wait(self)
+
+    Accelerator.wait_for_everyone = slow_main_wait
 
 if opts.hang_data_at is not None:
     original_batches = data.infinite_batches

@@ -163,9 +163,13 @@ def test_resuming_twice_at_epoch_boundaries_is_exact(spec, data, reference, tmp_
 
 @pytest.mark.slow
 def test_resume_with_two_processes_is_exact(spec, data, tmp_path):
+    """...and a main process that is slow at every barrier (its validations, samples and checkpoint writing) holds
+    the others up without a deadlock or a change of result."""
     steps = 8
-    common = dict(steps=steps, accumulation=1, checkpointing_steps=4)
-    run(spec.script, *base_args(spec, data, tmp_path / "a", **common), launcher="accelerate", processes=2)
+    common = dict(steps=steps, accumulation=1, checkpointing_steps=4, validation_steps=4)
+    slow = run(spec.script, *base_args(spec, data, tmp_path / "a", **common), faults=["--main_delay", "0.5"],
+               launcher="accelerate", processes=2)
+    assert "process 0 is 0.5 s late at every barrier" in slow.stderr
     args = base_args(spec, data, tmp_path / "b", **common)
     crashed = run(spec.script, *args, faults=["--exit_after_checkpoint", "4"], launcher="accelerate", processes=2,
                   check=False)
