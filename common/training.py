@@ -414,11 +414,13 @@ class GracefulStop:
 
     The signal only sets a flag; `requested()` is checked after every optimizer step. With several processes the
     flag is agreed by an all-reduce, so every process stops after the same step even if the signal reached them
-    at different moments.
+    at different moments. The all-reduce's result is read one check later, by when it is long done: on GPUs it
+    lands in pinned host memory behind an event, so no process waits for its GPU to drain at every step.
     """
 
     def __init__(self, signals=(signal.SIGTERM,)):
         self.flag = False
+        self._pending = None  # (host tensor, CUDA event or None) of the last all-reduce
         if threading.current_thread() is threading.main_thread():
             for sig in signals:
                 signal.signal(sig, self._handle)
@@ -431,9 +433,22 @@ class GracefulStop:
     def requested(self, accelerator):
         if accelerator.num_processes == 1:
             return self.flag
-        flag = torch.tensor([float(self.flag)], device=accelerator.device)
+        previous = self._pending
+        flag = torch.full((1,), float(self.flag), device=accelerator.device)  # a fill: no copy from the host
         torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
-        return bool(flag.item())
+        if flag.is_cuda:
+            host, event = torch.empty(1, pin_memory=True), torch.cuda.Event()
+            host.copy_(flag, non_blocking=True)
+            event.record()
+            self._pending = (host, event)
+        else:
+            self._pending = (flag, None)
+        if previous is None:
+            return False
+        host, event = previous
+        if event is not None:
+            event.synchronize()  # the previous step's all-reduce, not the work queued since
+        return bool(host[0] > 0)
 
 
 class StopCondition:

@@ -182,3 +182,44 @@ def test_watchdog_is_armed_by_the_first_beat_and_then_exits_on_a_stall():
     assert "no training progress for" in stalled.stderr and "--stall_timeout 0.4" in stalled.stderr
     quick = subprocess.run([sys.executable, "-c", program, "0"], cwd=root, capture_output=True, text=True, timeout=60)
     assert quick.returncode == 0 and "finished" in quick.stdout
+
+
+def test_graceful_stop_is_agreed_by_every_process_at_the_same_step(tmp_path):
+    """A SIGTERM that reaches one process only stops every process after the same step; the agreement is read
+    one step late, so no step waits for the device."""
+    import os
+    import socket
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    program = tmp_path / "stop.py"
+    program.write_text('''
+import os, sys, types
+import torch, torch.distributed as dist, torch.multiprocessing as mp
+from common.training import GracefulStop
+
+def worker(rank, folder):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=sys.argv[2])
+    dist.init_process_group("gloo", rank=rank, world_size=2)
+    stop = GracefulStop(signals=())
+    accelerator = types.SimpleNamespace(num_processes=2, device=torch.device("cpu"))
+    answers = []
+    for step in range(1, 8):
+        if rank == 1 and step == 3:
+            stop.flag = True  # the signal reached process 1 during step 3
+        answers.append(stop.requested(accelerator))
+    open(os.path.join(folder, f"rank{rank}"), "w").write(" ".join(str(int(a)) for a in answers))
+    dist.destroy_process_group()
+
+if __name__ == "__main__":
+    mp.spawn(worker, args=(sys.argv[1],), nprocs=2)
+''')
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    root = str(Path(__file__).resolve().parents[1])
+    done = subprocess.run([sys.executable, str(program), str(tmp_path), str(port)], cwd=root, capture_output=True,
+                          text=True, timeout=120, env={**os.environ, "PYTHONPATH": root})
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert (tmp_path / "rank0").read_text() == (tmp_path / "rank1").read_text() == "0 0 0 1 1 1 1"
