@@ -163,22 +163,31 @@ def test_resuming_twice_at_epoch_boundaries_is_exact(spec, data, reference, tmp_
 
 @pytest.mark.slow
 def test_resume_with_two_processes_is_exact(spec, data, tmp_path):
-    """...and a main process that is slow at every barrier (its validations, samples and checkpoint writing) holds
-    the others up without a deadlock or a change of result."""
+    """...with wandb (offline) logging one run continued across the resume; and a main process that is slow at
+    every barrier (its validations, samples and checkpoint writing) holds the others up without a deadlock or a
+    change of result."""
     steps = 8
     common = dict(steps=steps, accumulation=1, checkpointing_steps=4, validation_steps=4)
     slow = run(spec.script, *base_args(spec, data, tmp_path / "a", **common), faults=["--main_delay", "0.5"],
                launcher="accelerate", processes=2)
     assert "process 0 is 0.5 s late at every barrier" in slow.stderr
-    args = base_args(spec, data, tmp_path / "b", **common)
+    b = tmp_path / "b"
+    args = base_args(spec, data, b, **common, report_to="wandb")
     crashed = run(spec.script, *args, faults=["--exit_after_checkpoint", "4"], launcher="accelerate", processes=2,
                   check=False)
     assert crashed.returncode != 0
-    assert {"rng_state_0.pt", "rng_state_1.pt"} <= Checkpoint(tmp_path / "b" / "checkpoint-4").files
+    assert {"rng_state_0.pt", "rng_state_1.pt"} <= Checkpoint(b / "checkpoint-4").files
     run(spec.script, *args, "--resume_from_checkpoint", "latest", launcher="accelerate", processes=2)
     # One metrics file, written by the main process only, with every step once.
-    assert losses(tmp_path / "a") == losses(tmp_path / "b") and len(losses(tmp_path / "a")) == steps
-    assert_same_checkpoints(spec, tmp_path / "a" / f"checkpoint-{steps}", tmp_path / "b" / f"checkpoint-{steps}")
+    assert losses(tmp_path / "a") == losses(b) and len(losses(tmp_path / "a")) == steps
+    assert_same_checkpoints(spec, tmp_path / "a" / f"checkpoint-{steps}", b / f"checkpoint-{steps}")
+    # wandb: one run, continued on resume, never one per process; its steps never go back.
+    run_id = Checkpoint(b / f"checkpoint-{steps}").json("training_state")["run_id"]
+    assert Checkpoint(b / "checkpoint-4").json("training_state")["run_id"] == run_id
+    runs = sorted((b / "wandb").glob("offline-run-*"))
+    assert len(runs) == 2 and all(p.name.endswith(run_id) for p in runs)  # one per launch, never one per process
+    logs = "".join(p.read_text(errors="ignore") for p in (b / "wandb").rglob("*.log"))
+    assert "less than current step" not in logs and "monotonically" not in logs
 
 
 def test_sigterm_checkpoints_exits_cleanly_and_resumes_exactly(spec, data, reference, tmp_path):
@@ -348,18 +357,7 @@ def test_a_stuck_collective_is_reported_not_waited_on(spec, data, tmp_path):
 
 # 10 -------------------------------------------------------------------------------------------------------------
 
-@pytest.mark.slow
-def test_wandb_offline_is_one_run_continued_on_resume(spec, data, tmp_path):
-    args = base_args(spec, data, tmp_path, steps=6, accumulation=1, checkpointing_steps=3, report_to="wandb")
-    run(spec.script, *args, faults=["--exit_after_checkpoint", "3"], launcher="accelerate", processes=2, check=False)
-    run(spec.script, *args, "--resume_from_checkpoint", "latest", launcher="accelerate", processes=2)
-    run_id = Checkpoint(tmp_path / "checkpoint-6").json("training_state")["run_id"]
-    assert Checkpoint(tmp_path / "checkpoint-3").json("training_state")["run_id"] == run_id
-    runs = sorted((tmp_path / "wandb").glob("offline-run-*"))
-    assert len(runs) == 2 and all(p.name.endswith(run_id) for p in runs)  # one per launch, never one per process
-    logs = "".join(p.read_text(errors="ignore") for p in (tmp_path / "wandb").rglob("*.log"))
-    assert "less than current step" not in logs and "monotonically" not in logs
-
+# (wandb offline, one run continued on resume: test_resume_with_two_processes_is_exact.)
 
 # 11 -------------------------------------------------------------------------------------------------------------
 # (EMA once per optimizer step: test_resuming_twice_at_epoch_boundaries_is_exact. Swapping the EMA weights in for
