@@ -13,6 +13,7 @@ accumulation and no resume, the optimizer step being computed.
 --fail_checkpoint STEP         the second file of checkpoint STEP fails with ENOSPC (a full disk)
 --exit_at_backward N           die at the N-th backward pass (e.g. in the middle of a gradient-accumulation window)
 --nan_at_step K                losses of micro-step K (and the next --nan_count - 1) become NaN ...
+--nan_from_step K              losses of micro-step K and every later one become NaN (a run that diverged) ...
 --nan_rank R                   ... on process R only (default: every process)
 --hang_at_step K               process --hang_rank hangs for ever in the backward pass of micro-step K
 --hang_data_at N               the data iterator hangs for ever before its N-th batch
@@ -36,6 +37,7 @@ parser.add_argument("--fail_checkpoint", type=int)
 parser.add_argument("--exit_at_backward", type=int)
 parser.add_argument("--nan_at_step", type=int)
 parser.add_argument("--nan_count", type=int, default=1)
+parser.add_argument("--nan_from_step", type=int)
 parser.add_argument("--nan_rank", type=int)
 parser.add_argument("--hang_at_step", type=int)
 parser.add_argument("--hang_rank", type=int, default=1)
@@ -97,8 +99,9 @@ def faulty_backward(self, loss, **kwargs):
     if opts.exit_at_backward is not None and backward_calls[0] == opts.exit_at_backward:
         say(f"exiting at backward pass {backward_calls[0]} (micro-step {self.step})")
         os._exit(17)
-    if opts.nan_at_step is not None and opts.nan_at_step <= self.step < opts.nan_at_step + opts.nan_count \
-            and opts.nan_rank in (None, self.process_index):
+    nan_now = (opts.nan_at_step is not None and opts.nan_at_step <= self.step < opts.nan_at_step + opts.nan_count) \
+        or (opts.nan_from_step is not None and self.step >= opts.nan_from_step)
+    if nan_now and opts.nan_rank in (None, self.process_index):
         say(f"NaN loss at micro-step {self.step} on process {self.process_index}")
         loss = loss * float("nan")
     if opts.hang_at_step is not None and self.step == opts.hang_at_step and self.process_index == opts.hang_rank:
