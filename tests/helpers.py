@@ -32,6 +32,12 @@ def env(**extra):
     return e
 
 
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def _command(script, args, faults):
     target = [str(ROOT / script), *map(str, args)]
     if faults:
@@ -51,8 +57,10 @@ def run(script, *args, launcher="python", processes=1, timeout=600, faults=None,
         devices = ["--cpu"] if processes == 1 else ["--multi_gpu"]
         if processes > 1:
             env_extra.setdefault("ACCELERATE_USE_CPU", "true")
+        # A free port per launch: runs of several processes may go on side by side (pytest -n).
         cmd = [sys.executable, "-m", "accelerate.commands.launch", *devices, "--num_processes", str(processes),
-               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", *target]
+               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+               "--main_process_port", str(free_port()), *target]
     else:
         cmd = [sys.executable, *target]
     run_env = env(**env_extra)
