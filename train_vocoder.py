@@ -96,6 +96,11 @@ def build_parser():
     g.add_argument("--disc_precision", type=str, default=None, choices=["fp32", "bf16"],
                    help="Run the discriminators under bf16 autocast while the generator and mel losses follow "
                         "--mixed_precision (default: same as --mixed_precision).")
+    g.add_argument("--compile_mode", type=str, default="reduce-overhead",
+                   choices=["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"],
+                   help="torch.compile mode with --compile. reduce-overhead replays each compiled model's kernels "
+                        "as CUDA graphs: the step launches thousands of small kernels, and on an H100 the V1 setup "
+                        "trained 1.7x faster than eager this way (README).")
 
     g = parser.add_argument_group("losses (weights of one mapping, summed)")
     g.add_argument("--mel_loss", type=str, default="hifigan", choices=["hifigan", "multiscale"],
@@ -239,14 +244,18 @@ class SpectralLosses(torch.nn.Module):
         return out
 
 
-def compile_models(generator, spectral, disc):
+def compile_models(generator, spectral, disc, mode="default"):
     """`torch.compile` in place (state-dict keys keep their names). Training shapes are fixed (one batch size and
     segment length; the discriminators see 2B then B), so each shape gets its own static graph rather than the
     slower dynamic-shape graph a second shape would otherwise trigger. Validation runs an uncompiled copy."""
-    generator.compile(dynamic=False)
-    spectral.compile(dynamic=False)
+    generator.compile(dynamic=False, mode=mode)
+    spectral.compile(dynamic=False, mode=mode)
     if disc is not None:
-        disc.compile(dynamic=False)
+        disc.compile(dynamic=False, mode=mode)
+
+
+def uses_cuda_graphs(args):
+    return args.compile and args.compile_mode in ("reduce-overhead", "max-autotune")
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -277,6 +286,9 @@ def train_step(audio, generator, disc, mel_fn, spectral, opt_g, opt_d, accelerat
     gan_on = disc is not None and step >= args.disc_start_step
     models = (generator, disc) if disc is not None else (generator,)
     real = audio.unsqueeze(1)  # (B, 1, T)
+    graphs = uses_cuda_graphs(args)
+    if graphs:  # a new step: the CUDA graphs may reuse the memory of the previous step's outputs
+        torch.compiler.cudagraph_mark_step_begin()
     out = {}
     with accelerator.accumulate(*models):
         with torch.no_grad():
@@ -322,6 +334,8 @@ def train_step(audio, generator, disc, mel_fn, spectral, opt_g, opt_d, accelerat
 
     out.update({f"loss/{k}": v.detach() for k, v in losses.items()})
     out["loss/total"] = total.detach()
+    if graphs:  # own copies: a graph's outputs are overwritten when it replays in the next step
+        out = {k: v.clone() for k, v in out.items()}
     return out
 
 
@@ -508,7 +522,7 @@ def main(args):
     opt_g = build_optimizer(params=freeze(generator, args.freeze), **opt_cfg["optimizer"])
     opt_d = build_optimizer(params=disc.parameters(), **disc_cfg["optimizer"]) if disc is not None else None
     if args.compile:
-        compile_models(generator, spectral, disc)
+        compile_models(generator, spectral, disc, args.compile_mode)
     generator_p, opt_g = accelerator.prepare(generator, opt_g)
     optimizers = {"generator": opt_g}
     disc_p = None

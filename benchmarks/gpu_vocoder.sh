@@ -6,7 +6,8 @@
 #   bash benchmarks/gpu_vocoder.sh speech OUT STEPS   # the default preset on data/speech, with held-out metrics
 #
 # Data: ../shared/tools/build-datasets data --only speech  (22.05 kHz FLAC, 25 minutes)
-# RUNS selects bench runs (default: "eager"); STEPS their length (default 300).
+# RUNS selects bench runs (default: "eager compiled"; the recipe compiles with CUDA graphs, eager is --no-compile);
+# STEPS their length (default 300).
 # FLOPs per step for MFU: python benchmarks/vocoder_flops.py (CPU; figures in benchmarks/results_vocoder_h100.json).
 set -euo pipefail
 what=$1 out=$2
@@ -16,8 +17,8 @@ launch=(python3 -m accelerate.commands.launch --num_processes 1 --num_machines 1
 quiet=(--report_to none --checkpointing_steps 100000 --dataloader_num_workers 8 --resume_from_checkpoint none)
 case $what in
   bench)
-    runs=${RUNS:-eager}
-    for run in "eager" "compiled --compile" "discbf16 --disc_precision bf16"; do
+    runs=${RUNS:-eager compiled}
+    for run in "eager --no-compile" "compiled --compile" "discbf16 --no-compile --disc_precision bf16"; do
       [[ " $runs " == *" ${run%% *} "* ]] || continue
       set -- $run
       "${launch[@]}" train_vocoder.py --config configs/vocoder_hifigan.yaml --train_data_dir data/speech/train \

@@ -11,8 +11,9 @@ is in neither memory figure.
     python benchmarks/vocoder_step.py --variants eager,compile,compile+discbf16 [--profile eager] \
         -- --model hifigan-v1 --discriminator hifigan --train_batch_size 16 --segment_length 8192
 
-Flags after `--` are train_vocoder.py's. Variants, joined with `+`: `eager` (the script's default), `compile`
-(--compile), `discbf16` (--disc_precision bf16), `nolayout` (compiled graphs keep the convolutions' NCHW layout),
+Flags after `--` are train_vocoder.py's. Variants, joined with `+`: `eager` (no --compile), `compile` (--compile
+--compile_mode default: inductor without CUDA graphs), `graphs` (--compile: CUDA graphs, the recipe's mode),
+`discbf16` (--disc_precision bf16), `nolayout` (compiled graphs keep the convolutions' NCHW layout),
 `nobench` (cuDNN autotuning off), `alltried` (cuDNN autotuning tries every algorithm, not the first 10: what
 train_vocoder.py sets; the other variants keep cuDNN's default of 10), `cap32`
 (the process may allocate at most 32 GiB, as on a 32 GB card). A variant named twice runs twice, which shows the
@@ -41,13 +42,13 @@ from common.training import configure_torch  # noqa: E402
 
 def run_variant(variant, script_argv, steps, warmup, profile):
     parts = set(variant.split("+"))
-    unknown = parts - {"eager", "compile", "discbf16", "nobench", "cap32", "nolayout", "alltried"}
+    unknown = parts - {"eager", "compile", "graphs", "discbf16", "nobench", "cap32", "nolayout", "alltried"}
     if unknown:
         raise SystemExit(f"unknown variant part(s) {sorted(unknown)}")
     with tempfile.TemporaryDirectory() as tmp:
         argv = ["--train_data_dir", tmp, "--output_dir", tmp, *script_argv]
-        if "compile" in parts:
-            argv.append("--compile")
+        if "compile" in parts or "graphs" in parts:
+            argv += ["--compile", "--compile_mode", "reduce-overhead" if "graphs" in parts else "default"]
         if "discbf16" in parts:
             argv += ["--disc_precision", "bf16"]
         args = tv.build_parser().parse_args(argv)
@@ -69,7 +70,7 @@ def run_variant(variant, script_argv, steps, warmup, profile):
     opt_g = build_optimizer(params=generator.parameters(), **optimizer_kwargs(args)["optimizer"])
     opt_d = build_optimizer(params=disc.parameters(), **optimizer_kwargs(args, "disc_")["optimizer"])
     if args.compile:
-        tv.compile_models(generator, spectral, disc)
+        tv.compile_models(generator, spectral, disc, args.compile_mode)
     generator, opt_g, disc, opt_d = accelerator.prepare(generator, opt_g, disc, opt_d)
     batches = [torch.randn(args.train_batch_size, args.segment_length, device=device).clamp_(-1, 1) * 0.5
                for _ in range(4)]  # rotated, so no step sees the same input twice in a row

@@ -207,7 +207,8 @@ def add_run_args(parser, *, batch_size, max_train_steps, checkpointing_steps, va
                    help="Autocast precision; defaults to accelerate's config (or 'no').")
     g.add_argument("--allow_tf32", action=argparse.BooleanOptionalAction, default=True,
                    help="TF32 matmuls and convolutions on GPUs that have them.")
-    g.add_argument("--compile", action="store_true", help="torch.compile the trained models.")
+    g.add_argument("--compile", action=argparse.BooleanOptionalAction, default=False,
+                   help="torch.compile the trained models (--no-compile turns off a recipe's compile: true).")
     g.add_argument("--dataloader_num_workers", type=non_negative_int, default=4, help="Data loading processes.")
     g.add_argument("--max_grad_norm", type=non_negative_float, default=1.0,
                    help="Clip gradients to this global norm (0 disables clipping; norms are logged either way).")

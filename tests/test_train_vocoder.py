@@ -163,3 +163,58 @@ def test_other_generators_and_discriminators_train_and_export(flags, audio, tmp_
     kept = load_file(tmp_path / "samples" / "last_validation.safetensors")
     with torch.no_grad():
         assert torch.equal(load_vocoder(tmp_path)(kept["mel_0"][None])[0, 0], kept["audio_0"])
+
+
+def _train_steps_on_gpu(steps, compile_mode=None):
+    """The script's `train_step` on the GPU in float32 without TF32, GAN on: the logged tensors of every step (kept
+    as returned), their values read right after the step, and the generator's weights at the end."""
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState, GradientState
+
+    from common.discriminators import build_audio_discriminator
+    from common.optim import build_optimizer
+    from common.spectral import MelSpectrogram
+    from common.vocoder import build_generator, generator_config
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+    GradientState._reset_state()
+    torch._dynamo.reset()
+    flags = ["--compile", "--compile_mode", compile_mode] if compile_mode else []
+    args = script.build_parser().parse_args(["--output_dir", "/tmp/unused", "--train_data_dir", ".", *TINY, *flags])
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    torch.manual_seed(0)
+    mel = script.mel_config(args)
+    generator = build_generator(generator_config("hifigan-tiny", mel.n_mels)).cuda()
+    disc = build_audio_discriminator("hifigan", width=0.0625).cuda()
+    mel_fn, spectral = MelSpectrogram(mel).cuda(), script.SpectralLosses(args, mel).cuda()
+    opt_g = build_optimizer("adamw", generator.parameters(), lr=1e-3, betas=(0.8, 0.99))
+    opt_d = build_optimizer("adamw", disc.parameters(), lr=1e-3, betas=(0.8, 0.99))
+    if args.compile:
+        script.compile_models(generator, spectral, disc, args.compile_mode)
+    accelerator = Accelerator()
+    generator_p, disc_p, opt_g, opt_d = accelerator.prepare(generator, disc, opt_g, opt_d)
+    g = torch.Generator().manual_seed(1)
+    kept, read = [], []
+    for step in range(steps):
+        audio = (0.3 * torch.randn(4, 2048, generator=g)).cuda()
+        out = script.train_step(audio, generator_p, disc_p, mel_fn, spectral, opt_g, opt_d, accelerator, args, step)
+        kept.append(out)
+        read.append({k: float(v) for k, v in out.items() if v.dtype.is_floating_point})
+    weights = {k: v.detach().clone() for k, v in generator.state_dict().items()}
+    return kept, read, weights
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
+def test_cuda_graph_steps_train_like_eager_and_keep_their_logs():
+    """--compile --compile_mode reduce-overhead replays each model's kernels as CUDA graphs. Over six steps it gives
+    eager's losses and weights (to float32 rounding), and a step's logged tensors keep their values after later
+    steps replay the graphs (the loop averages them over a logging window)."""
+    _, eager, eager_weights = _train_steps_on_gpu(6)
+    kept, graphs, graph_weights = _train_steps_on_gpu(6, "reduce-overhead")
+    for step, (a, b) in enumerate(zip(eager, graphs)):
+        for key in ("loss/total", "loss/mel", "loss/disc", "loss/fm"):
+            assert b[key] == pytest.approx(a[key], rel=2e-3, abs=1e-4), (step, key)
+    for step, (out, values) in enumerate(zip(kept, graphs)):
+        assert {k: float(v) for k, v in out.items() if v.dtype.is_floating_point} == values, step
+    for name, w in eager_weights.items():
+        torch.testing.assert_close(graph_weights[name], w, rtol=0, atol=3e-3, msg=name)
