@@ -37,9 +37,17 @@ def setup_accelerator(args, mixed_precision):
     from accelerate import Accelerator
     from accelerate.utils import ProjectConfiguration
 
+    from accelerate.utils import DistributedDataParallelKwargs
+
+    # DDP's default re-broadcasts every buffer from process 0 at each forward, in place. A discriminator called on
+    # real and then on generated images before one backward has its BatchNorm statistics overwritten in between,
+    # and cuDNN's BatchNorm backward refuses them ("modified by an inplace operation"): the GAN scripts failed on two
+    # GPUs. The buffers that matter here are constants (rotary tables) or BatchNorm's running statistics, which
+    # training-mode discriminators never read, so each process keeps its own.
+    ddp = DistributedDataParallelKwargs(broadcast_buffers=False)
     accelerator = Accelerator(
         gradient_accumulation_steps=args.gradient_accumulation_steps, mixed_precision=mixed_precision,
-        log_with=report_to(args.report_to), kwargs_handlers=process_group_kwargs(args.stall_timeout),
+        log_with=report_to(args.report_to), kwargs_handlers=[ddp, *process_group_kwargs(args.stall_timeout)],
         project_config=ProjectConfiguration(project_dir=args.output_dir,
                                             logging_dir=str(Path(args.output_dir, "logs"))))
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)

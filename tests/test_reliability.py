@@ -272,6 +272,18 @@ def test_two_processes_step_like_one_process_with_the_whole_batch(spec, ddp_prob
         assert float(ranks[0]["grad_norm"]) > 1e-3  # clipping was active
 
 
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two GPUs")
+def test_two_gpus_train_with_nccl(spec, data, tmp_path):
+    """On two GPUs (DDP over NCCL, NVLink multicast off): six steps with the GAN on from the first (BatchNorm
+    discriminators called twice before a backward) complete, checkpointed with finite weights."""
+    args = base_args(spec, data, tmp_path, steps=6, accumulation=1, gan_start=0, checkpointing_steps=6)
+    run(spec.script, *args, launcher="accelerate", processes=2, timeout=900, ACCELERATE_USE_CPU="false",
+        NCCL_NVLS_ENABLE="0", TORCH_SYMM_MEM_DISABLE_MULTICAST="1")
+    checkpoint = Checkpoint(tmp_path / "checkpoint-6")
+    for name in spec.weights:
+        assert all(torch.isfinite(t).all() for t in checkpoint.tensors(name).values()), name
+
+
 # 6 --------------------------------------------------------------------------------------------------------------
 
 @pytest.mark.slow

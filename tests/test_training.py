@@ -1,3 +1,4 @@
+import json
 import random
 
 import numpy as np
@@ -223,3 +224,17 @@ if __name__ == "__main__":
                           text=True, timeout=120, env={**os.environ, "PYTHONPATH": root})
     assert done.returncode == 0, done.stderr[-2000:]
     assert (tmp_path / "rank0").read_text() == (tmp_path / "rank1").read_text() == "0 0 0 1 1 1 1"
+
+
+def test_discriminators_keep_their_batch_norm_statistics_per_process(tmp_path):
+    """Under DDP's default every buffer is re-broadcast in place at each forward; the VAE scripts' discriminator
+    (BatchNorm) runs on real and then on generated images before one backward, and on two GPUs cuDNN's BatchNorm
+    backward refused the overwritten statistics. setup_accelerator turns the re-broadcast off: two passes and a
+    backward complete on two processes, each keeping the statistics of its own batches."""
+    from helpers import run
+
+    run("tests/ddp_buffers.py", tmp_path, launcher="accelerate", processes=2, timeout=300)
+    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+    assert [r["backward"] for r in ranks] == ["ok", "ok"]
+    assert [r["broadcast_buffers"] for r in ranks] == [False, False]
+    assert ranks[0]["running_mean"] != ranks[1]["running_mean"]
