@@ -61,8 +61,8 @@ from common.media import image_grid, log_audio, log_images, spectrogram_image
 from common.optim import build_optimizer, build_scheduler, observe_plateau
 from common.perf import DryRun, FlopCount, Throughput, peak_bf16_flops
 from common.training import (GracefulStop, MetricsAccumulator, MetricsFile, SkipGuard, StopCondition, Watchdog,
-                             bf16_if_supported, clip_and_step, freeze, init_trackers, log_changed_settings, new_run_id,
-                             setup_accelerator, tracker_tags, write_run_info)
+                             bf16_if_supported, clip_and_step, compile_mode_for_accumulation, freeze, init_trackers,
+                             log_changed_settings, new_run_id, setup_accelerator, tracker_tags, write_run_info)
 
 logger = get_logger(__name__)
 
@@ -1477,6 +1477,7 @@ def main(args):
     optimizer = build_optimizer(params=freeze(model, args.freeze), **opt_cfg["optimizer"])
     train_model = model
     if args.compile:
+        args.compile_mode = compile_mode_for_accumulation(args.compile_mode, args.gradient_accumulation_steps)
         train_model.compile(mode=args.compile_mode)  # in place: state-dict keys keep their names
     train_model, optimizer = accelerator.prepare(train_model, optimizer)
     # Stepped by hand once per optimizer step, so the learning rate is the same function of the step on any number

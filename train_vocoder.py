@@ -48,8 +48,9 @@ from common.perf import DryRun, FlopCount, Throughput, peak_bf16_flops
 from common.spectral import (MelConfig, MelSpectrogram, MultiResolutionSTFTLoss, MultiScaleMelLoss,
                              stft_phase_losses)
 from common.training import (GracefulStop, MetricsAccumulator, MetricsFile, SkipGuard, StopCondition, Watchdog,
-                             all_stepped, clip_and_step_all, freeze, frozen, init_trackers, log_changed_settings,
-                             new_run_id, setup_accelerator, tracker_tags, write_run_info)
+                             all_stepped, clip_and_step_all, compile_mode_for_accumulation, freeze, frozen,
+                             init_trackers, log_changed_settings, new_run_id, setup_accelerator, tracker_tags,
+                             write_run_info)
 from common.vocoder import GENERATOR_PRESETS, build_generator, generator_config, save_vocoder
 
 logger = get_logger(__name__)
@@ -522,6 +523,7 @@ def main(args):
     opt_g = build_optimizer(params=freeze(generator, args.freeze), **opt_cfg["optimizer"])
     opt_d = build_optimizer(params=disc.parameters(), **disc_cfg["optimizer"]) if disc is not None else None
     if args.compile:
+        args.compile_mode = compile_mode_for_accumulation(args.compile_mode, args.gradient_accumulation_steps)
         compile_models(generator, spectral, disc, args.compile_mode)
     generator_p, opt_g = accelerator.prepare(generator, opt_g)
     optimizers = {"generator": opt_g}

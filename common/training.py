@@ -30,14 +30,28 @@ def configure_torch(allow_tf32=True):
     torch.backends.cudnn.benchmark = torch.cuda.is_available()
 
 
+CUDA_GRAPH_MODES = {"reduce-overhead": "default", "max-autotune": "max-autotune-no-cudagraphs"}
+
+
+def compile_mode_for_accumulation(mode, accumulation_steps):
+    """The torch.compile mode to use: a CUDA-graph mode falls back to its counterpart without graphs when gradients
+    accumulate over several micro-batches. The first micro-batch's gradients would then live in the graphs' memory
+    pool (autograd keeps the backward's output as `.grad`), and the next replay would overwrite them: the
+    accumulated gradient comes out silently wrong (pytorch/pytorch#169545)."""
+    if accumulation_steps > 1 and mode in CUDA_GRAPH_MODES:
+        fallback = CUDA_GRAPH_MODES[mode]
+        logger.warning(f"--compile_mode {mode} uses CUDA graphs, which do not accumulate gradients over "
+                       f"--gradient_accumulation_steps {accumulation_steps} correctly: compiling with '{fallback}'")
+        return fallback
+    return mode
+
+
 def setup_accelerator(args, mixed_precision):
     """The Accelerator of a training run, from the shared run flags (common/args.add_run_args): accumulation,
     precision, trackers logging under output_dir/logs, and collectives that time out after the watchdog fires;
     then logging and torch's precision flags. Each script chooses its default `mixed_precision`."""
     from accelerate import Accelerator
-    from accelerate.utils import ProjectConfiguration
-
-    from accelerate.utils import DistributedDataParallelKwargs
+    from accelerate.utils import DistributedDataParallelKwargs, ProjectConfiguration
 
     # DDP's default re-broadcasts every buffer from process 0 at each forward, in place. A discriminator called on
     # real and then on generated images before one backward has its BatchNorm statistics overwritten in between,

@@ -238,3 +238,19 @@ def test_discriminators_keep_their_batch_norm_statistics_per_process(tmp_path):
     assert [r["backward"] for r in ranks] == ["ok", "ok"]
     assert [r["broadcast_buffers"] for r in ranks] == [False, False]
     assert ranks[0]["running_mean"] != ranks[1]["running_mean"]
+
+
+def test_cuda_graph_modes_fall_back_when_gradients_accumulate(caplog):
+    """With several micro-batches, CUDA graphs would overwrite the first micro-batch's gradients (kept in their
+    memory pool) at the next replay: such runs compile without graphs, and say so."""
+    from common.training import compile_mode_for_accumulation
+
+    assert compile_mode_for_accumulation("reduce-overhead", 1) == "reduce-overhead"
+    assert compile_mode_for_accumulation("max-autotune", 1) == "max-autotune"
+    assert not caplog.records
+    assert compile_mode_for_accumulation("default", 4) == "default"
+    assert compile_mode_for_accumulation("max-autotune-no-cudagraphs", 4) == "max-autotune-no-cudagraphs"
+    assert compile_mode_for_accumulation("reduce-overhead", 2) == "default"
+    assert compile_mode_for_accumulation("max-autotune", 2) == "max-autotune-no-cudagraphs"
+    assert len(caplog.records) == 2
+    assert "--gradient_accumulation_steps 2" in caplog.records[0].getMessage()
