@@ -271,6 +271,25 @@ def audio_corruptions(folder):
             "silent.flac": "silent", "short.wav": "too short"}
 
 
+def vocoder_parts(script, args, dtype=torch.float32, device="cpu"):
+    """train_vocoder's step pieces for `args` (hifigan-tiny, the HiFi-GAN discriminators at 1/16 width): generator,
+    discriminator, mel, spectral losses and their AdamW optimizers, seeded, in `dtype` on `device`."""
+    from common.discriminators import build_audio_discriminator
+    from common.optim import build_optimizer
+    from common.spectral import MelSpectrogram
+    from common.vocoder import build_generator, generator_config
+
+    torch.manual_seed(0)
+    mel = script.mel_config(args)
+    generator = build_generator(generator_config("hifigan-tiny", mel.n_mels)).to(device, dtype)
+    disc = build_audio_discriminator("hifigan", width=0.0625).to(device, dtype)
+    mel_fn = MelSpectrogram(mel).to(device, dtype)
+    spectral = script.SpectralLosses(args, mel).to(device, dtype)
+    opt_g = build_optimizer("adamw", generator.parameters(), lr=1e-3, betas=(0.8, 0.99))
+    opt_d = build_optimizer("adamw", disc.parameters(), lr=1e-3, betas=(0.8, 0.99))
+    return generator, disc, mel_fn, spectral, opt_g, opt_d
+
+
 def vocoder_accumulation_probe(micro_batches, accumulation, max_grad_norm):
     """One optimizer step of train_vocoder's `train_step` in float64 over `micro_batches`, with the GAN on from
     the first step (HiFi-GAN discriminators, feature matching, multi-resolution STFT, magnitude and phase losses)."""
@@ -278,10 +297,6 @@ def vocoder_accumulation_probe(micro_batches, accumulation, max_grad_norm):
     from accelerate.state import AcceleratorState, GradientState
 
     import train_vocoder as script
-    from common.discriminators import build_audio_discriminator
-    from common.optim import build_optimizer
-    from common.spectral import MelSpectrogram
-    from common.vocoder import build_generator, generator_config
 
     AcceleratorState._reset_state(reset_partial_state=True)
     GradientState._reset_state()
@@ -289,14 +304,7 @@ def vocoder_accumulation_probe(micro_batches, accumulation, max_grad_norm):
         "--output_dir", "/tmp/unused", "--train_data_dir", ".", "--model", "hifigan-tiny", *VOCODER_TINY_MEL,
         "--disc_width", "0.0625", "--mrstft_weight", "1", "--stft_mag_weight", "1", "--phase_weight", "0.1",
         "--max_grad_norm", str(max_grad_norm), "--gradient_accumulation_steps", str(accumulation)])
-    torch.manual_seed(0)
-    mel = script.mel_config(args)
-    generator = build_generator(generator_config("hifigan-tiny", mel.n_mels)).double()
-    disc = build_audio_discriminator("hifigan", width=0.0625).double()
-    mel_fn = MelSpectrogram(mel).double()
-    spectral = script.SpectralLosses(args, mel).double()
-    opt_g = build_optimizer("adamw", generator.parameters(), lr=1e-3, betas=(0.8, 0.99))
-    opt_d = build_optimizer("adamw", disc.parameters(), lr=1e-3, betas=(0.8, 0.99))
+    generator, disc, mel_fn, spectral, opt_g, opt_d = vocoder_parts(script, args, torch.float64)
     accelerator = Accelerator(cpu=True, gradient_accumulation_steps=accumulation)
     generator_p, disc_p, opt_g, opt_d = accelerator.prepare(generator, disc, opt_g, opt_d)
     grad_count = {name: 0 for name, _ in disc.named_parameters()}

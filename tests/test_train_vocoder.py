@@ -12,7 +12,7 @@ from common.checkpoint import Checkpoint
 from common.training import read_metrics
 from common.vocoder import load_vocoder
 from helpers import run
-from scripts import VOCODER_TINY_MEL, vocoder_data
+from scripts import VOCODER_TINY_MEL, vocoder_data, vocoder_parts
 
 TINY = ["--model", "hifigan-tiny", *VOCODER_TINY_MEL, "--disc_width", "0.0625", "--train_batch_size", "4",
         "--report_to", "none", "--dataloader_num_workers", "0", "--num_validation_files", "2",
@@ -171,24 +171,13 @@ def _train_steps_on_gpu(steps, compile_mode=None):
     from accelerate import Accelerator
     from accelerate.state import AcceleratorState, GradientState
 
-    from common.discriminators import build_audio_discriminator
-    from common.optim import build_optimizer
-    from common.spectral import MelSpectrogram
-    from common.vocoder import build_generator, generator_config
-
     AcceleratorState._reset_state(reset_partial_state=True)
     GradientState._reset_state()
     torch._dynamo.reset()
     flags = ["--compile", "--compile_mode", compile_mode] if compile_mode else []
     args = script.build_parser().parse_args(["--output_dir", "/tmp/unused", "--train_data_dir", ".", *TINY, *flags])
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
-    torch.manual_seed(0)
-    mel = script.mel_config(args)
-    generator = build_generator(generator_config("hifigan-tiny", mel.n_mels)).cuda()
-    disc = build_audio_discriminator("hifigan", width=0.0625).cuda()
-    mel_fn, spectral = MelSpectrogram(mel).cuda(), script.SpectralLosses(args, mel).cuda()
-    opt_g = build_optimizer("adamw", generator.parameters(), lr=1e-3, betas=(0.8, 0.99))
-    opt_d = build_optimizer("adamw", disc.parameters(), lr=1e-3, betas=(0.8, 0.99))
+    generator, disc, mel_fn, spectral, opt_g, opt_d = vocoder_parts(script, args, device="cuda")
     if args.compile:
         script.compile_models(generator, spectral, disc, args.compile_mode)
     accelerator = Accelerator()
