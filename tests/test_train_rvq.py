@@ -101,6 +101,32 @@ def test_codebook_losses_known_values():
     assert (ce_smooth > 1).all()  # smoothing puts 10% of the target on the other 15 classes
 
 
+def test_the_model_computes_its_own_losses_like_codebook_losses_of_its_logits():
+    cfg = script.RVQConfig(num_codebooks=3, codebook_size=16, dropout=0.0, **script.PRESETS["tiny"])
+    model = script.build_model(cfg).eval()
+    tokens, targets = torch.randint(17, (2, 8, 3)), torch.randint(16, (2, 8, 3))
+    targets[0, :2] = -100
+    ce, acc = model(tokens, targets, 0.05)
+    ce_ref, acc_ref = script.codebook_losses(model(tokens), targets, 0.05)
+    assert torch.allclose(ce, ce_ref) and torch.equal(acc, acc_ref)
+
+
+def test_norm_bias_flag_and_models_saved_before_it(tmp_path):
+    args = script.build_parser().parse_args(["--output_dir", "x", "--data", "x", "--model", "tiny"])
+    cfg = script.model_config_from_args(args, 3, 16)
+    assert not cfg.norm_bias and not any(k.endswith("norm.bias") or "norm1.bias" in k
+                                         for k in script.build_model(cfg).state_dict())
+    # An export whose config predates the flag had LayerNorm biases: it loads with them.
+    old = script.RVQConfig(num_codebooks=3, codebook_size=16, norm_bias=True, **script.PRESETS["tiny"])
+    model = script.build_model(old)
+    script.export(model, old, {"codec": "test"}, tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    del config["model"]["norm_bias"]
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    loaded, _ = script.load_export(tmp_path)
+    assert loaded.cfg.norm_bias and torch.equal(loaded.norm.bias, model.norm.bias)
+
+
 def test_codebook_weights():
     h = torch.tensor([1.0, 4.0], dtype=torch.float64)
     assert torch.allclose(script.codebook_weights("auto", h, 0.5), torch.tensor([2 / 3, 4 / 3]))
