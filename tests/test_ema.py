@@ -56,9 +56,11 @@ def test_an_update_gated_by_a_device_flag_moves_only_when_the_step_happened():
     assert gated.num_updates == 2 and all(torch.equal(gated.shadow[k], before[k]) for k in before)
 
 
-def test_the_compiled_update_matches_the_eager_one():
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="needs CUDA"))])
+def test_the_compiled_update_matches_the_eager_one(device):
     """EMA(compile=True) fuses the device-gated update into one compiled pass; same averages, steps taken or not."""
-    model = net()
+    model = net().to(device)
     eager, fused = EMA(model, max_decay=0.9, power=1.0), EMA(model, max_decay=0.9, power=1.0, compile=True)
     for step, applied in enumerate([True, True, False, True]):
         with torch.no_grad():
@@ -66,7 +68,7 @@ def test_the_compiled_update_matches_the_eager_one():
                 p.add_(torch.randn_like(p))
             model[1].running_var.mul_(1.5)
         for ema in (eager, fused):
-            ema.update(model, applied=torch.tensor(applied))
+            ema.update(model, applied=torch.tensor(applied, device=device))
         assert all(torch.allclose(fused.shadow[k], eager.shadow[k], rtol=1e-6, atol=1e-6) for k in eager.shadow), step
     assert fused.num_updates == eager.num_updates == 4
     assert common.ema._move_towards_compiled is not None  # the compiled path ran
