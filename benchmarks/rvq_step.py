@@ -23,9 +23,6 @@ the step before the model computed its own losses), `eagerema` (the EMA update i
 embedding dropout stay). A variant named twice runs twice, which shows the spread between identical runs.
 """
 
-import argparse
-import json
-import math
 import sys
 import tempfile
 import time
@@ -43,22 +40,21 @@ from common.ema import EMA  # noqa: E402
 from common.optim import build_optimizer, build_scheduler  # noqa: E402
 from common.perf import FlopCount, peak_bf16_flops  # noqa: E402
 from common.training import MetricsAccumulator, configure_torch  # noqa: E402
+import side_by_side  # noqa: E402  (beside this file)
 
 PARTS = {"compile", "learned", "oldloss", "noattndrop", "lnbias", "noema", "eagerema", "graphs"}
 
 
-def train_step_logits_out(window, model, accelerator, args, cb_weights, pad_id, loss_fn):
-    """The step as it was: the model returns its logits (Accelerate turns them to float32), the loss is compiled
-    on its own."""
-    inputs, targets = tr.pattern_inputs_targets(window, args.pattern, pad_id)
-    with accelerator.accumulate(model), accelerator.autocast():
-        ce, accuracy = loss_fn(model(inputs), targets, args.label_smoothing)
-        loss = (cb_weights * ce).mean()
-        accelerator.backward(loss)
-    out = {"loss/total": loss.detach()}
-    out.update({f"loss/ce_cb{k}": v for k, v in enumerate(ce.detach())})
-    out.update({f"train/acc_cb{k}": v for k, v in enumerate(accuracy.detach())})
-    return out
+class LogitsOut(nn.Module):
+    """The step as it was before the model computed its own losses: the prepared model returns its logits (which
+    Accelerate turns to float32) and the loss, compiled on its own, runs outside it."""
+
+    def __init__(self, prepared, loss_fn):
+        super().__init__()
+        self.prepared, self.loss_fn = prepared, loss_fn
+
+    def forward(self, inputs, targets, label_smoothing):
+        return self.loss_fn(self.prepared(inputs), targets, label_smoothing)
 
 
 class PeerBlock(nn.Module):
@@ -145,8 +141,9 @@ def script_variant(parts, args, accelerator, device):
     plain = model
     if args.compile:
         model.compile(mode="reduce-overhead" if "graphs" in parts else None)
-    loss_fn = torch.compile(tr.codebook_losses) if args.compile else tr.codebook_losses
     model, optimizer = accelerator.prepare(model, optimizer)
+    if "oldloss" in parts:
+        model = LogitsOut(model, torch.compile(tr.codebook_losses) if args.compile else tr.codebook_losses)
     scheduler = build_scheduler(optimizer, total_steps=100_000, **opt_cfg["scheduler"])
     outlier = tr.OutlierGuard(args.outlier_factor, args.outlier_warmup)
     cb_weights = torch.ones(K, device=device)
@@ -159,11 +156,7 @@ def script_variant(parts, args, accelerator, device):
     def step(i):
         if "graphs" in parts:
             torch.compiler.cudagraph_mark_step_begin()
-        if "oldloss" in parts:
-            metrics = train_step_logits_out(batches[i % len(batches)], model, accelerator, args, cb_weights,
-                                            cfg.pad_id, loss_fn)
-        else:
-            metrics = tr.train_step(batches[i % len(batches)], model, accelerator, args, cb_weights, cfg.pad_id)
+        metrics = tr.train_step(batches[i % len(batches)], model, accelerator, args, cb_weights, cfg.pad_id)
         grad_norm, _, stepped = tr.guarded_step(accelerator, model, optimizer, metrics["loss/total"], outlier, args)
         scheduler.step()
         if ema is not None:
@@ -240,31 +233,5 @@ def measure(step, parameters, variant, args, device, steps, warmup, profile):
     return result
 
 
-def main():
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--variants", default="compile+learned,peer")
-    parser.add_argument("--steps", type=int, default=60)
-    parser.add_argument("--warmup", type=int, default=15)
-    parser.add_argument("--profile", default="", help="Comma-separated variants to profile after timing.")
-    parser.add_argument("--json", default=None, help="Also write the table here.")
-    argv = sys.argv[1:]
-    script_argv = argv[argv.index("--") + 1:] if "--" in argv else []
-    args = parser.parse_args(argv[:argv.index("--")] if "--" in argv else argv)
-    profiled = set(filter(None, args.profile.split(",")))
-    table = {"device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu", "torch": torch.__version__, "script_flags": script_argv}
-    for n, variant in enumerate(args.variants.split(",")):
-        key = variant if variant not in table else f"{variant} (run {n + 1})"
-        try:
-            table[key] = run_variant(variant, script_argv, args.steps, args.warmup, variant in profiled)
-        except Exception as err:  # one failing variant must not lose the others' figures
-            table[key] = {"error": f"{type(err).__name__}: {err}"[:500]}
-        print(key, json.dumps(table[key]), flush=True)
-        if torch.cuda.is_available():
-            torch.cuda.empty_cache()
-    print(json.dumps(table, indent=1))
-    if args.json:
-        Path(args.json).write_text(json.dumps(table, indent=1))
-
-
 if __name__ == "__main__":
-    main()
+    side_by_side.main(run_variant, __doc__.split("\n\n")[0], "compile+learned,peer", steps=60, warmup=15)

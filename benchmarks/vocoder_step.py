@@ -20,8 +20,6 @@ train_vocoder.py sets; the other variants keep cuDNN's default of 10), `cap32`
 spread between identical runs.
 """
 
-import argparse
-import json
 import sys
 import tempfile
 import time
@@ -38,6 +36,7 @@ from common.optim import build_optimizer  # noqa: E402
 from common.perf import FlopCount, peak_bf16_flops  # noqa: E402
 from common.spectral import MelSpectrogram  # noqa: E402
 from common.training import configure_torch  # noqa: E402
+import side_by_side  # noqa: E402  (beside this file)
 
 
 def run_variant(variant, script_argv, steps, warmup, profile):
@@ -128,30 +127,5 @@ def run_variant(variant, script_argv, steps, warmup, profile):
     return result
 
 
-def main():
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--variants", default="eager,compile,compile+discbf16")
-    parser.add_argument("--steps", type=int, default=100)
-    parser.add_argument("--warmup", type=int, default=20)
-    parser.add_argument("--profile", default="", help="Comma-separated variants to profile after timing.")
-    parser.add_argument("--json", default=None, help="Also write the table here.")
-    argv = sys.argv[1:]
-    script_argv = argv[argv.index("--") + 1:] if "--" in argv else []
-    args = parser.parse_args(argv[:argv.index("--")] if "--" in argv else argv)
-    profiled = set(filter(None, args.profile.split(",")))
-    table = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "script_flags": script_argv}
-    for n, variant in enumerate(args.variants.split(",")):
-        key = variant if variant not in table else f"{variant} (run {n + 1})"  # a repeat shows the noise
-        try:
-            table[key] = run_variant(variant, script_argv, args.steps, args.warmup, variant in profiled)
-        except Exception as err:  # one failing variant must not lose the others' figures
-            table[key] = {"error": f"{type(err).__name__}: {err}"[:500]}
-        print(key, json.dumps(table[key]), flush=True)
-        torch.cuda.empty_cache()  # the variant's models and optimizer states are gone with its frame
-    print(json.dumps(table, indent=1))
-    if args.json:
-        Path(args.json).write_text(json.dumps(table, indent=1))
-
-
 if __name__ == "__main__":
-    main()
+    side_by_side.main(run_variant, __doc__.split("\n\n")[0], "eager,compile,compile+discbf16", steps=100, warmup=20)
