@@ -690,7 +690,7 @@ def main(args):
                     "mel_normalization": {"mean": features.mel_mean, "std": features.mel_std}}
     spectral = WaveformLosses(args, features.mel).to(device) if args.mode == "waveform" else None
     vocoder = load_vocoder(args.vocoder, device) if args.vocoder else None
-    ema = EMA(vae, args.ema_decay, args.ema_power) if args.use_ema else None
+    ema = EMA(vae, args.ema_decay, args.ema_power, every=args.ema_update_every) if args.use_ema else None
 
     # Optimizers
     opt_cfg, disc_cfg = optimizer_kwargs(args), optimizer_kwargs(args, "disc_")

@@ -524,7 +524,7 @@ def main(args):
     # Models
     vae, disc, lpips = build_models(args, device, memory_format)
     vae_config = dict(vae.config)
-    ema = EMA(vae, args.ema_decay, args.ema_power) if args.use_ema else None
+    ema = EMA(vae, args.ema_decay, args.ema_power, every=args.ema_update_every) if args.use_ema else None
     vae_eval = copy.deepcopy(vae).eval().requires_grad_(False)  # validation copy; training weights stay put
 
     # Optimizers

@@ -1469,7 +1469,7 @@ def main(args):
         args.noise_schedule, 1000, *default_betas(args), zero_terminal_snr=args.zero_terminal_snr)
     config = export_config(args, model_config, latent_space, text_info, latent_shape, train_items.class_names, schedule)
     logger.info(f"denoiser {args.model}: {count_parameters(model.denoiser) / 1e6:.2f}M parameters")
-    ema = EMA(model, args.ema_decay, args.ema_power) if args.use_ema else None
+    ema = EMA(model, args.ema_decay, args.ema_power, every=args.ema_update_every) if args.use_ema else None
     model_eval = copy.deepcopy(model).eval().requires_grad_(False)  # validation copy; training weights stay put
 
     # Optimizer

@@ -515,7 +515,7 @@ def main(args):
     model_config = {"generator": g_config, "mel": mel.to_dict()}
     mel_fn = MelSpectrogram(mel).to(device)
     spectral = SpectralLosses(args, mel).to(device)
-    ema = EMA(generator, args.ema_decay, args.ema_power) if args.use_ema else None
+    ema = EMA(generator, args.ema_decay, args.ema_power, every=args.ema_update_every) if args.use_ema else None
     gen_eval = copy.deepcopy(generator).eval().requires_grad_(False)  # validation copy
 
     # Optimizers

@@ -305,13 +305,16 @@ def check_audio_data_args(parser, args):
         parser.error(f"mel settings: {err}")
 
 
-def add_ema_args(parser, *, decay, power):
+def add_ema_args(parser, *, decay, power, every=1):
     g = parser.add_argument_group("EMA")
     g.add_argument("--use_ema", action=argparse.BooleanOptionalAction, default=True,
                    help="Keep an exponential moving average of the weights for validation and export.")
     g.add_argument("--ema_decay", type=fraction, default=decay, help="Largest EMA decay, reached after warm-up.")
     g.add_argument("--ema_power", type=positive_float, default=power,
                    help="EMA warm-up: decay = 1 - (1 + step)^-power, capped at --ema_decay (k-diffusion's EMAWarmup).")
+    g.add_argument("--ema_update_every", type=positive_int, default=every,
+                   help="Update the average on every N-th optimizer step, with the N steps' decays at once (the same "
+                        "horizon for 1/N of the memory traffic; the average lags by at most N - 1 steps).")
     return g
 
 

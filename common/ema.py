@@ -3,7 +3,14 @@
 The decay follows k-diffusion's EMAWarmup: decay = 1 - (1 + step)^-power, capped at `max_decay`, so early in a run
 the average tracks the fast-moving weights and late in a run it averages over ~1 / (1 - max_decay) steps. With
 power 3/4 the decay reaches 0.999 after ~10k steps and 0.9999 after ~215k.
+
+`every` N > 1 updates the average on every N-th optimizer step only, towards the weights of that step with the
+product of the N steps' decays (ema-pytorch's `update_every`; AudioCraft's `optim.ema.updates`): the same horizon
+for a tenth of the memory traffic at N = 10, the average lagging the weights by at most N - 1 steps, which is
+nothing against a horizon of 1 / (1 - decay) steps.
 """
+
+import math
 
 import torch
 
@@ -33,10 +40,14 @@ class EMA:
 
     `compile`: an update whose step was decided on the device (`applied` a tensor) runs as one compiled pass over
     the weights instead of three (torch.compile, on first use): on an H100, 1.1 ms less per step for a 130M model.
+    `every`: see the module's note.
     """
 
-    def __init__(self, model, max_decay=0.9999, power=0.75, min_decay=0.0, compile=False):
-        self.max_decay, self.power, self.min_decay, self.compile = max_decay, power, min_decay, compile
+    def __init__(self, model, max_decay=0.9999, power=0.75, min_decay=0.0, compile=False, every=1):
+        if every < 1:
+            raise ValueError(f"EMA every must be >= 1 optimizer steps, got {every}")
+        self.max_decay, self.power, self.min_decay = max_decay, power, min_decay
+        self.compile, self.every = compile, every
         self.num_updates = 0
         self.shadow = {name: t.detach().clone().float() for name, t in self._tracked(model)}
 
@@ -57,8 +68,10 @@ class EMA:
             self.shadow[name].copy_(t)
         self.num_updates = 0
 
-    def decay(self):
-        value = 1 - (1 + self.num_updates) ** -self.power
+    def decay(self, step=None):
+        """The decay of optimizer step `step` (0-based; by default the next one)."""
+        step = self.num_updates if step is None else step
+        value = 1 - (1 + step) ** -self.power
         return min(self.max_decay, max(self.min_decay, value))
 
     @torch.no_grad()
@@ -66,10 +79,14 @@ class EMA:
         """`applied`: whether the optimizer step happened; a bool tensor on the device when the step was skipped or
         not on the GPU (clip_and_step with defer=True), so the average can stay put without a host sync. A skipped
         step known on the host (False) changes nothing; one known only on the device still counts towards the
-        decay's warm-up."""
+        decay's warm-up. With `every` N, only every N-th step's update touches the weights (one skipped on the
+        device leaves the average where it was until the next)."""
         if applied is False:
             return
-        decay = self.decay()
+        self.num_updates += 1
+        if self.num_updates % self.every:
+            return
+        decay = math.prod(self.decay(s) for s in range(self.num_updates - self.every, self.num_updates))
         names, tensors = zip(*self._tracked(model))
         shadows = [self.shadow[n] for n in names]
         tensors = [t.float() for t in tensors]
@@ -78,7 +95,6 @@ class EMA:
             move(shadows, tensors, applied.to(shadows[0].device, torch.float32) * (1 - decay))
         else:
             torch._foreach_lerp_(shadows, tensors, 1 - decay)
-        self.num_updates += 1
 
     @torch.no_grad()
     def copy_to(self, model):

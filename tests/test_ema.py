@@ -108,3 +108,29 @@ def test_reset_starts_the_average_from_the_current_weights():
     ema.reset(model)
     assert ema.num_updates == 0 and ema.decay() == 0.0
     assert all(torch.equal(p, ema.shadow[name]) for name, p in model.named_parameters())
+
+
+def test_every_n_steps_matches_per_step_updates_while_the_weights_stay_put():
+    """With `every` N the average moves on every N-th step only, by the N steps' decays at once: while the weights
+    stay put in between, that is exactly the per-step average at those steps."""
+    model = net()
+    per_step, every = EMA(model, max_decay=0.9, power=0.5), EMA(model, max_decay=0.9, power=0.5, every=3)
+    for step in range(1, 13):
+        if step % 3 == 1:  # the weights change on the first step of each group of three
+            with torch.no_grad():
+                for p in model.parameters():
+                    p.add_(torch.randn_like(p))
+        snapshot = {k: v.clone() for k, v in every.shadow.items()}
+        per_step.update(model)
+        every.update(model, applied=torch.tensor(True))
+        if step % 3:
+            assert all(torch.equal(every.shadow[k], snapshot[k]) for k in snapshot), step  # not its turn
+        else:
+            assert all(torch.allclose(every.shadow[k], per_step.shadow[k], atol=1e-6) for k in snapshot), step
+    assert every.num_updates == per_step.num_updates == 12
+    assert every.decay() == per_step.decay()
+    restored = EMA(net(), max_decay=0.9, power=0.5, every=3)
+    restored.load_state_dict(every.state_dict())
+    assert restored.num_updates == 12  # the phase of the N-step cycle resumes with it
+    with pytest.raises(ValueError, match="every"):
+        EMA(model, every=0)
