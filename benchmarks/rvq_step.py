@@ -20,9 +20,14 @@ Variant parts, joined with `+`: `compile` (--compile; otherwise eager), `learned
 `oldloss` (the model returns its logits, which Accelerate turns to float32, and the loss is compiled on its own:
 the step before the model computed its own losses), `eagerema` (the EMA update in three eager passes, as without
 --compile), `noema` (no EMA update), `noattndrop` (no dropout on the attention probabilities; residual and
-embedding dropout stay). A variant named twice runs twice, which shows the spread between identical runs.
+embedding dropout stay), `oldce` (F.cross_entropy instead of the script's SmoothedCrossEntropy), `noacc` (no
+training accuracy), `embfn` (the summed codebook embeddings as one autograd function whose backward is a single
+scatter-add), `splitqkv` (q, k and v from three matmuls over the rows of the same weight, so the attention's
+gradients need no interleaving copy), `ema1` (--ema_update_every 1: the EMA updated on every step). A variant
+named twice runs twice, which shows the spread between identical runs.
 """
 
+import functools
 import sys
 import tempfile
 import time
@@ -42,7 +47,60 @@ from common.perf import FlopCount, peak_bf16_flops  # noqa: E402
 from common.training import MetricsAccumulator, configure_torch  # noqa: E402
 import side_by_side  # noqa: E402  (beside this file)
 
-PARTS = {"compile", "learned", "oldloss", "noattndrop", "lnbias", "noema", "eagerema", "graphs"}
+PARTS = {"compile", "learned", "oldloss", "noattndrop", "lnbias", "noema", "eagerema", "graphs", "oldce", "noacc",
+         "embfn", "ema1", "splitqkv"}
+
+
+def split_qkv_forward(block, x, rope):
+    """Block.forward with q, k and v each from its own matmul (rows of the same qkv weight)."""
+    B, T, D = x.shape
+    h = block.norm1(x)
+    q, k, v = (F.linear(h, w).view(B, T, block.heads, D // block.heads).transpose(1, 2)
+               for w in block.qkv.weight.split(D))
+    if rope is not None:
+        q, k = tr.rotary(q, *rope), tr.rotary(k, *rope)
+    y = F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=block.dropout if block.training else 0.0)
+    x = x + block.drop(block.proj(y.transpose(1, 2).reshape(B, T, D)))
+    return x + block.drop(block.mlp(block.norm2(x)))
+
+
+def torch_cross_entropy_losses(logits, targets, label_smoothing=0.0, accuracy=True):
+    """codebook_losses with F.cross_entropy (which keeps its own tensors for the backward)."""
+    B, T, K, V = logits.shape
+    ce = F.cross_entropy(logits.float().reshape(-1, V), targets.reshape(-1), ignore_index=-100,
+                         label_smoothing=label_smoothing, reduction="none").view(B, T, K)
+    valid = targets >= 0
+    if not accuracy:
+        return ce.sum(dim=(0, 1)) / (B * T), torch.zeros(K, device=logits.device)
+    correct = (logits.argmax(-1) == targets) & valid
+    return ce.sum(dim=(0, 1)) / (B * T), correct.sum(dim=(0, 1)).float() / valid.sum(dim=(0, 1)).clamp(min=1)
+
+
+def losses_without_accuracy(logits, targets, label_smoothing=0.0):
+    B, T, K, V = logits.shape
+    ce = tr.SmoothedCrossEntropy.apply(logits.reshape(-1, V), targets.reshape(-1), label_smoothing).view(B, T, K)
+    return ce.sum(dim=(0, 1)) / (B * T), torch.zeros(K, device=logits.device)
+
+
+class SummedEmbedding(torch.autograd.Function):
+    """Sum over codebooks of weight[ids[..., k]]; the backward is one scatter-add of the (B, T, d) gradient to all
+    K rows of each frame (instead of K embedding backwards)."""
+
+    @staticmethod
+    def forward(ctx, weight, ids):
+        x = weight[ids[..., 0]]
+        for k in range(1, ids.shape[-1]):
+            x = x + weight[ids[..., k]]
+        ctx.save_for_backward(ids)
+        ctx.rows = weight.shape[0]
+        return x
+
+    @staticmethod
+    def backward(ctx, grad):
+        (ids,) = ctx.saved_tensors
+        D, K = grad.shape[-1], ids.shape[-1]
+        spread = grad.reshape(-1, 1, D).expand(-1, K, D).reshape(-1, D)
+        return grad.new_zeros(ctx.rows, D).index_add_(0, ids.reshape(-1), spread), None
 
 
 class LogitsOut(nn.Module):
@@ -128,11 +186,17 @@ def script_variant(parts, args, accelerator, device):
     K, V = 9, 1024
     cfg = tr.model_config_from_args(args, K, V)
     model = tr.build_model(cfg).to(device)
+    if "splitqkv" in parts:
+        for block in model.blocks:
+            block.forward = functools.partial(split_qkv_forward, block)
+    if "embfn" in parts:
+        model.embed_frames = lambda tokens: SummedEmbedding.apply(model.embed.weight, tokens + model.offsets)
     if "noattndrop" in parts:
         for block in model.blocks:
             block.dropout = 0.0  # SDPA's dropout_p; the residual nn.Dropout stays
     ema = None if "noema" in parts else EMA(model, args.ema_decay, args.ema_power,
-                                            compile=args.compile and "eagerema" not in parts)
+                                            compile=args.compile and "eagerema" not in parts,
+                                            every=1 if "ema1" in parts else args.ema_update_every)
     opt_cfg = optimizer_kwargs(args)
     decay = [p for p in model.parameters() if p.dim() >= 2]
     no_decay = [p for p in model.parameters() if p.dim() < 2]
@@ -183,9 +247,17 @@ def run_variant(variant, script_argv, steps, warmup, profile):
     accelerator = Accelerator(mixed_precision=args.mixed_precision or "bf16")
     device = accelerator.device
     torch.manual_seed(0)
-    step, parameters = (peer_variant(args, accelerator, device) if variant == "peer"
-                        else script_variant(parts, args, accelerator, device))
-    return measure(step, parameters, variant, args, device, steps, warmup, profile)
+    losses = tr.codebook_losses
+    if "oldce" in parts:
+        tr.codebook_losses = functools.partial(torch_cross_entropy_losses, accuracy="noacc" not in parts)
+    elif "noacc" in parts:
+        tr.codebook_losses = losses_without_accuracy
+    try:
+        step, parameters = (peer_variant(args, accelerator, device) if variant == "peer"
+                            else script_variant(parts, args, accelerator, device))
+        return measure(step, parameters, variant, args, device, steps, warmup, profile)
+    finally:
+        tr.codebook_losses = losses
 
 
 def measure(step, parameters, variant, args, device, steps, warmup, profile):
@@ -228,8 +300,9 @@ def measure(step, parameters, variant, args, device, steps, warmup, profile):
                    and e.self_device_time_total > 0]
         result["kernel_ms_per_step"] = round(sum(e.self_device_time_total for e in kernels) / 5 / 1000, 2)
         print(f"---- kernels of 5 steps, {variant} (ms per step, launches per step, name)")
-        for e in sorted(kernels, key=lambda e: -e.self_device_time_total)[:40]:
-            print(f"{e.self_device_time_total / 5000:8.3f} {e.count / 5:6.1f}  {e.key[:140]}")
+        for e in sorted(kernels, key=lambda e: -e.self_device_time_total)[:70]:
+            print(f"{e.self_device_time_total / 5000:8.3f} {e.count / 5:6.1f}  {e.key[:110]}")
+        result["kernel_launches_per_step"] = round(sum(e.count for e in kernels) / 5, 1)
     return result
 
 

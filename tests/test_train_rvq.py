@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import soundfile as sf
 import torch
+import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
 import train_rvq as script
@@ -99,6 +100,30 @@ def test_codebook_losses_known_values():
     assert ce.max() < 1e-6 and torch.equal(acc, torch.ones(3))
     ce_smooth, _ = script.codebook_losses(perfect, targets, label_smoothing=0.1)
     assert (ce_smooth > 1).all()  # smoothing puts 10% of the target on the other 15 classes
+
+
+@pytest.mark.parametrize("smoothing", [0.0, 0.05, 0.3])
+def test_smoothed_cross_entropy_matches_torch_in_value_and_gradient(smoothing):
+    g = torch.Generator().manual_seed(0)
+    logits = (3 * torch.randn(40, 24, generator=g, dtype=torch.float64)).requires_grad_()
+    targets = torch.randint(24, (40,), generator=g)
+    targets[::7] = -100
+    weights = torch.rand(40, generator=g, dtype=torch.float64)  # a non-uniform upstream gradient
+    ours = script.SmoothedCrossEntropy.apply(logits, targets, smoothing)
+    (grad,) = torch.autograd.grad((ours * weights).sum(), logits)
+    ref = F.cross_entropy(logits, targets, ignore_index=-100, label_smoothing=smoothing, reduction="none")
+    (grad_ref,) = torch.autograd.grad((ref * weights).sum(), logits)
+    assert torch.allclose(ours, ref, atol=1e-12) and torch.allclose(grad, grad_ref, atol=1e-12)
+    assert ours.dtype == torch.float64 and (ours[::7] == 0).all() and (grad[::7] == 0).all()
+    # bf16 logits: computed in float32, the gradient returned in bf16
+    half = logits.detach().bfloat16().requires_grad_()
+    ours = script.SmoothedCrossEntropy.apply(half, targets, smoothing)
+    (grad,) = torch.autograd.grad((ours * weights.float()).sum(), half)
+    ref = F.cross_entropy(half.double(), targets, ignore_index=-100, label_smoothing=smoothing, reduction="none")
+    assert ours.dtype == torch.float32 and grad.dtype == torch.bfloat16
+    assert torch.allclose(ours.double(), ref, atol=1e-5)
+    (grad_ref,) = torch.autograd.grad((ref * weights).sum(), half)
+    assert torch.allclose(grad.double(), grad_ref.double(), atol=4e-3)
 
 
 def test_the_model_computes_its_own_losses_like_codebook_losses_of_its_logits():
