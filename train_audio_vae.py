@@ -46,8 +46,9 @@ from common.optim import build_optimizer, build_scheduler, observe_plateau
 from common.perf import DryRun, FlopCount, Throughput, peak_bf16_flops
 from common.spectral import MelConfig, MultiResolutionSTFTLoss, MultiScaleMelLoss, griffin_lim
 from common.training import (GracefulStop, MetricsAccumulator, MetricsFile, SkipGuard, StopCondition, Watchdog,
-                             all_stepped, bf16_if_supported, clip_and_step_all, freeze, frozen, init_trackers,
-                             log_changed_settings, new_run_id, setup_accelerator, tracker_tags, write_run_info)
+                             all_stepped, bf16_if_supported, clip_and_step_all, compile_mode_for_accumulation,
+                             freeze, frozen, init_trackers, log_changed_settings, new_run_id, setup_accelerator,
+                             tracker_tags, uses_cuda_graphs, write_run_info)
 from common.vocoder import load_vocoder, read_vocoder_mel_config
 
 logger = get_logger(__name__)
@@ -98,6 +99,11 @@ def build_parser():
                         "(Griffin-Lim without one). Its mel settings must equal this run's.")
     g.add_argument("--channels_last", action=argparse.BooleanOptionalAction, default=False,
                    help="NHWC memory format for the mel mode's 2D convolutions.")
+    g.add_argument("--compile_mode", type=str, default="reduce-overhead",
+                   choices=["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"],
+                   help="torch.compile mode with --compile. reduce-overhead replays the VAE's and the "
+                        "discriminator's kernels as CUDA graphs: a compiled step left the GPU idle half the time, "
+                        "waiting for the host to launch them (README).")
 
     g = parser.add_argument_group("losses (weights of one mapping, summed)")
     g.add_argument("--rec_loss_weight", type=non_negative_float, default=1.0,
@@ -341,6 +347,8 @@ def train_step(x, model, disc, spectral, opt_vae, opt_disc, accelerator, args, s
     weights = loss_weights(args)
     gan_on = disc is not None and step >= args.disc_start_step
     models = (model, disc) if disc is not None else (model,)
+    if uses_cuda_graphs(args):  # a new step: the CUDA graphs may reuse the memory of the previous step's outputs
+        torch.compiler.cudagraph_mark_step_begin()
     out = {}
     with accelerator.accumulate(*models):
         with accelerator.autocast():
@@ -697,10 +705,11 @@ def main(args):
     opt_vae = build_optimizer(params=freeze(vae, args.freeze), **opt_cfg["optimizer"])
     opt_disc = build_optimizer(params=disc.parameters(), **disc_cfg["optimizer"]) if disc is not None else None
     model = VAEForTraining(vae)
-    if args.compile:
-        model.compile()  # in place: state-dict keys keep their names
+    if args.compile:  # in place: state-dict keys keep their names; one static graph per shape
+        args.compile_mode = compile_mode_for_accumulation(args.compile_mode, args.gradient_accumulation_steps)
+        model.compile(dynamic=False, mode=args.compile_mode)
         if disc is not None:
-            disc.compile()
+            disc.compile(dynamic=False, mode=args.compile_mode)
     model, opt_vae = accelerator.prepare(model, opt_vae)
     optimizers = {"vae": opt_vae}
     if disc is not None:

@@ -50,7 +50,7 @@ from common.spectral import (MelConfig, MelSpectrogram, MultiResolutionSTFTLoss,
 from common.training import (GracefulStop, MetricsAccumulator, MetricsFile, SkipGuard, StopCondition, Watchdog,
                              all_stepped, clip_and_step_all, compile_mode_for_accumulation, freeze, frozen,
                              init_trackers, log_changed_settings, new_run_id, setup_accelerator, tracker_tags,
-                             write_run_info)
+                             uses_cuda_graphs, write_run_info)
 from common.vocoder import GENERATOR_PRESETS, build_generator, generator_config, save_vocoder
 
 logger = get_logger(__name__)
@@ -253,10 +253,6 @@ def compile_models(generator, spectral, disc, mode="default"):
     spectral.compile(dynamic=False, mode=mode)
     if disc is not None:
         disc.compile(dynamic=False, mode=mode)
-
-
-def uses_cuda_graphs(args):
-    return args.compile and args.compile_mode in ("reduce-overhead", "max-autotune")
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -33,6 +33,12 @@ def configure_torch(allow_tf32=True):
 CUDA_GRAPH_MODES = {"reduce-overhead": "default", "max-autotune": "max-autotune-no-cudagraphs"}
 
 
+def uses_cuda_graphs(args):
+    """Whether the compiled models replay as CUDA graphs (`--compile` with a `--compile_mode` that has them): each
+    training step then starts with torch.compiler.cudagraph_mark_step_begin()."""
+    return bool(args.compile) and args.compile_mode in CUDA_GRAPH_MODES
+
+
 def compile_mode_for_accumulation(mode, accumulation_steps):
     """The torch.compile mode to use: a CUDA-graph mode falls back to its counterpart without graphs when gradients
     accumulate over several micro-batches. The first micro-batch's gradients would then live in the graphs' memory
