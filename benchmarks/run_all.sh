@@ -24,7 +24,7 @@ make_demo_images(root / "images", num_images=96, size=256, seed=0)
 make_demo_codes(root / "codes", num_files=16, frames=2700, seed=0, num_codebooks=9, codebook_size=1024,
                 codec="descript/dac_44khz")
 rng = np.random.default_rng(0)
-for split, n in (("train", 64), ("validation", 2)):
+for split, n in (("train", 64), ("validation", 2), ("train_512", 512)):
     (root / "audio" / split).mkdir(parents=True, exist_ok=True)
     for i in range(n):
         t = np.arange(22050 * 3) / 22050
@@ -32,6 +32,9 @@ for split, n in (("train", 64), ("validation", 2)):
         sf.write(root / "audio" / split / f"{i:03d}.wav", clip.astype(np.float32), 22050)
 PY
 audio=(--train_data_dir "$out/data/audio/train" --validation_data_dir "$out/data/audio/validation")
+# The audio VAE's batches of 32 would make an epoch of the 64 files two steps long, and every epoch's first batch
+# waits for the loader: it trains on 512.
+audio_512=(--train_data_dir "$out/data/audio/train_512" --validation_data_dir "$out/data/audio/validation")
 run() {
   name=$1; shift
   [[ -z "${ONLY:-}" || " $ONLY " == *" $name "* ]] || return 0  # ONLY="a b": just those runs
@@ -47,10 +50,12 @@ run vocoder_hifigan train_vocoder.py --config configs/vocoder_hifigan.yaml "${au
 run vocoder_v1_peer_shape train_vocoder.py --config configs/vocoder_hifigan.yaml "${audio[@]}" --model hifigan-v1
 run vocoder_dac train_vocoder.py --config configs/vocoder_dac.yaml "${audio[@]}"
 run vocoder_bigvgan train_vocoder.py --config configs/vocoder_bigvgan.yaml "${audio[@]}"
-run audio_vae_mel train_audio_vae.py --config configs/audio_vae_mel.yaml "${audio[@]}"
-run audio_vae_mel_channels_last train_audio_vae.py --config configs/audio_vae_mel.yaml "${audio[@]}" --channels_last
-run audio_vae_mel_compiled train_audio_vae.py --config configs/audio_vae_mel.yaml "${audio[@]}" --compile
-run audio_vae_waveform train_audio_vae.py --config configs/audio_vae_waveform.yaml "${audio[@]}"
+run audio_vae_mel train_audio_vae.py --config configs/audio_vae_mel.yaml "${audio_512[@]}"
+run audio_vae_mel_channels_last train_audio_vae.py --config configs/audio_vae_mel.yaml "${audio_512[@]}" --channels_last
+run audio_vae_mel_compiled train_audio_vae.py --config configs/audio_vae_mel.yaml "${audio_512[@]}" --compile
+run audio_vae_mel_compiled_nographs train_audio_vae.py --config configs/audio_vae_mel.yaml "${audio_512[@]}" --compile \
+  --compile_mode default
+run audio_vae_waveform train_audio_vae.py --config configs/audio_vae_waveform.yaml "${audio_512[@]}"
 run rvq_base512 train_rvq.py --config configs/rvq_base512.yaml --data "$out/data/codes"
 run rvq_big1280 train_rvq.py --config configs/rvq_big1280.yaml --data "$out/data/codes"
 run rvq_nanogpt_peer_shape train_rvq.py --config configs/rvq_base512.yaml --data "$out/data/codes" --ctx 1024 \
