@@ -45,10 +45,10 @@ from common.metrics import LatentStats, pesq_wb, si_sdr
 from common.optim import build_optimizer, build_scheduler, observe_plateau
 from common.perf import DryRun, FlopCount, Throughput, peak_bf16_flops
 from common.spectral import MelConfig, MultiResolutionSTFTLoss, MultiScaleMelLoss, griffin_lim
-from common.training import (GracefulStop, MetricsAccumulator, MetricsFile, SkipGuard, StopCondition, Watchdog,
-                             all_stepped, bf16_if_supported, clip_and_step_all, compile_mode_for_accumulation,
-                             freeze, frozen, init_trackers, log_changed_settings, new_run_id, setup_accelerator,
-                             tracker_tags, uses_cuda_graphs, write_run_info)
+from common.training import (COMPILE_MODES, GracefulStop, MetricsAccumulator, MetricsFile, SkipGuard, StopCondition,
+                             Watchdog, all_stepped, bf16_if_supported, clip_and_step_all,
+                             compile_mode_for_accumulation, freeze, frozen, init_trackers, log_changed_settings,
+                             new_run_id, setup_accelerator, tracker_tags, uses_cuda_graphs, write_run_info)
 from common.vocoder import load_vocoder, read_vocoder_mel_config
 
 logger = get_logger(__name__)
@@ -100,7 +100,7 @@ def build_parser():
     g.add_argument("--channels_last", action=argparse.BooleanOptionalAction, default=False,
                    help="NHWC memory format for the mel mode's 2D convolutions.")
     g.add_argument("--compile_mode", type=str, default="reduce-overhead",
-                   choices=["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"],
+                   choices=COMPILE_MODES,
                    help="torch.compile mode with --compile. reduce-overhead replays the VAE's and the "
                         "discriminator's kernels as CUDA graphs: a compiled step left the GPU idle half the time, "
                         "waiting for the host to launch them (README).")

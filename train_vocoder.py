@@ -47,8 +47,8 @@ from common.optim import build_optimizer, build_scheduler, observe_plateau
 from common.perf import DryRun, FlopCount, Throughput, peak_bf16_flops
 from common.spectral import (MelConfig, MelSpectrogram, MultiResolutionSTFTLoss, MultiScaleMelLoss,
                              stft_phase_losses)
-from common.training import (GracefulStop, MetricsAccumulator, MetricsFile, SkipGuard, StopCondition, Watchdog,
-                             all_stepped, clip_and_step_all, compile_mode_for_accumulation, freeze, frozen,
+from common.training import (COMPILE_MODES, GracefulStop, MetricsAccumulator, MetricsFile, SkipGuard, StopCondition,
+                             Watchdog, all_stepped, clip_and_step_all, compile_mode_for_accumulation, freeze, frozen,
                              init_trackers, log_changed_settings, new_run_id, setup_accelerator, tracker_tags,
                              uses_cuda_graphs, write_run_info)
 from common.vocoder import GENERATOR_PRESETS, build_generator, generator_config, save_vocoder
@@ -98,7 +98,7 @@ def build_parser():
                    help="Run the discriminators under bf16 autocast while the generator and mel losses follow "
                         "--mixed_precision (default: same as --mixed_precision).")
     g.add_argument("--compile_mode", type=str, default="reduce-overhead",
-                   choices=["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"],
+                   choices=COMPILE_MODES,
                    help="torch.compile mode with --compile. reduce-overhead replays each compiled model's kernels "
                         "as CUDA graphs: the step launches thousands of small kernels, and on an H100 the V1 setup "
                         "trained 1.7 to 2.1x faster than eager this way (README).")

@@ -30,6 +30,7 @@ def configure_torch(allow_tf32=True):
     torch.backends.cudnn.benchmark = torch.cuda.is_available()
 
 
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")  # --compile_mode
 CUDA_GRAPH_MODES = {"reduce-overhead": "default", "max-autotune": "max-autotune-no-cudagraphs"}
 
 
