@@ -40,6 +40,7 @@ class ScriptSpec:
     grad_norm_key: str  # the logged gradient norm of the main model
     data_flag: str = "--train_data_dir"  # the flag naming the training data (a folder)
     export_file: str = "config.json"  # a file of the export in --output_dir, written when the run finishes
+    compile_flags: tuple = ()  # flags added to --compile in the compiled-run test (the recipes' compile mode)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -237,6 +238,7 @@ RVQ = ScriptSpec(
     probe_batch=rvq_probe_batch,
     grad_norm_key="grad_norm/model",
     data_flag="--data",
+    compile_flags=("--compile_mode", "max-autotune-no-cudagraphs"),
 )
 
 

@@ -373,7 +373,7 @@ def test_a_stuck_collective_is_reported_not_waited_on(spec, data, tmp_path):
 @pytest.mark.slow
 def test_a_compiled_model_saves_plain_keys_that_the_eager_model_resumes_from(spec, data, tmp_path):
     args = base_args(spec, data, tmp_path, steps=3, accumulation=1, checkpointing_steps=3)
-    run(spec.script, *args, "--compile", "--stall_timeout", "1200")  # compiling on 2 busy cores can take minutes
+    run(spec.script, *args, "--compile", *spec.compile_flags, "--stall_timeout", "1200")  # compiling on 2 busy cores can take minutes
     compiled = Checkpoint(tmp_path / "checkpoint-3")
     for name in spec.weights:
         keys = compiled.tensors(name).keys()
