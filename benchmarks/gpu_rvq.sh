@@ -22,8 +22,8 @@ for i in range(48):
     save_codes(f"{sys.argv[1]}/{i:03d}.codes.safetensors", torch.randint(1024, (8192, 9), generator=g),
                "descript/dac_44khz", 44100, 44100 / 512, 1024)
 PY
-    runs=${RUNS:-compiled eager run3}
-    for run in "compiled --compile" "eager"; do
+    runs=${RUNS:-autotuned compiled eager run3}
+    for run in "autotuned --compile --compile_mode max-autotune-no-cudagraphs" "compiled --compile" "eager"; do
       [[ " $runs " == *" ${run%% *} "* ]] || continue
       set -- $run
       "${launch[@]}" train_rvq.py --data "$out/codes" --output_dir "$out/$1" --model big --ctx 1024 --step 1024 \
@@ -41,7 +41,7 @@ import json, os, sys
 from common.training import read_metrics
 out = sys.argv[1]
 table = {}
-for run in ("compiled", "eager", "run3"):
+for run in ("autotuned", "compiled", "eager", "run3"):
     if not os.path.exists(f"{out}/{run}/metrics.jsonl"):
         continue
     logs = [m for m in read_metrics(f"{out}/{run}/metrics.jsonl") if "perf/frames_per_s" in m]

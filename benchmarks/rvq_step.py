@@ -23,7 +23,9 @@ the step before the model computed its own losses), `eagerema` (the EMA update i
 embedding dropout stay), `oldce` (F.cross_entropy instead of the script's SmoothedCrossEntropy), `noacc` (no
 training accuracy), `embfn` (the summed codebook embeddings as one autograd function whose backward is a single
 scatter-add), `splitqkv` (q, k and v from three matmuls over the rows of the same weight, so the attention's
-gradients need no interleaving copy), `ema1` (--ema_update_every 1: the EMA updated on every step). A variant
+gradients need no interleaving copy), `ema1` (--ema_update_every 1: the EMA updated on every step), `autotune` (--compile_mode
+max-autotune-no-cudagraphs: Inductor times Triton kernels against cuBLAS for each matmul and tunes its other
+kernels' launch settings). A variant
 named twice runs twice, which shows the spread between identical runs.
 """
 
@@ -48,7 +50,7 @@ from common.training import MetricsAccumulator, configure_torch  # noqa: E402
 import side_by_side  # noqa: E402  (beside this file)
 
 PARTS = {"compile", "learned", "oldloss", "noattndrop", "lnbias", "noema", "eagerema", "graphs", "oldce", "noacc",
-         "embfn", "ema1", "splitqkv"}
+         "embfn", "ema1", "splitqkv", "autotune"}
 
 
 def split_qkv_forward(block, x, rope):
@@ -204,7 +206,8 @@ def script_variant(parts, args, accelerator, device):
                                 **opt_cfg["optimizer"])
     plain = model
     if args.compile:
-        model.compile(mode="reduce-overhead" if "graphs" in parts else None)
+        graphs = {"default": "reduce-overhead", "max-autotune-no-cudagraphs": "max-autotune"}
+        model.compile(mode=graphs[args.compile_mode] if "graphs" in parts else args.compile_mode)
     model, optimizer = accelerator.prepare(model, optimizer)
     if "oldloss" in parts:
         model = LogitsOut(model, torch.compile(tr.codebook_losses) if args.compile else tr.codebook_losses)
@@ -240,7 +243,8 @@ def run_variant(variant, script_argv, steps, warmup, profile):
     with tempfile.TemporaryDirectory() as tmp:
         argv = ["--data", tmp, "--output_dir", tmp, *script_argv, *(["--compile"] if "compile" in parts else []),
                 *(["--positions", "learned"] if "learned" in parts else []),
-                *(["--norm_bias"] if "lnbias" in parts else [])]
+                *(["--norm_bias"] if "lnbias" in parts else []),
+                *(["--compile_mode", "max-autotune-no-cudagraphs"] if "autotune" in parts else [])]
         args = tr.build_parser().parse_args(argv)
     torch._dynamo.reset()
     configure_torch(args.allow_tf32)
