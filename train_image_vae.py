@@ -25,7 +25,6 @@ import torch.nn as nn
 import torch.nn.functional as F
 from accelerate.logging import get_logger
 from accelerate.utils import set_seed
-from diffusers import AutoencoderKL
 from tqdm.auto import tqdm
 
 from common.args import (ArgumentParser, add_ema_args, add_optimizer_args, add_run_args, non_negative_float,
@@ -47,6 +46,7 @@ from common.perf import DryRun, FlopCount, Throughput, peak_bf16_flops
 from common.training import (GracefulStop, MetricsAccumulator, MetricsFile, SkipGuard, StopCondition, Watchdog,
                              all_stepped, bf16_if_supported, clip_and_step, freeze, frozen, init_trackers,
                              log_changed_settings, new_run_id, setup_accelerator, tracker_tags, write_run_info)
+from diffusers import AutoencoderKL  # after common, which quiets a bitsandbytes import warning (common/__init__.py)
 
 logger = get_logger(__name__)
 

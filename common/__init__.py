@@ -22,3 +22,11 @@ text_encoders  frozen text encoders (open_clip, Hugging Face CLIP, any Hugging F
 training       the Accelerator setup, precision flags, RNG state, guarded optimizer steps, metric logging
 vocoder        HiFi-GAN, BigVGAN and Vocos generators; the vocoder export, its loader and command line
 """
+
+import logging
+
+# bitsandbytes 0.50 logs a warning when it is imported on a CPU with AVX512-BF16 and the optional `kernels` package
+# (its CPU 4-bit matmul) is missing, and diffusers imports bitsandbytes with every model class. These scripts use
+# bitsandbytes only for 8-bit Adam on the GPU; unsilenced, that line would open every run's log and every one-line
+# error. A script that imports diffusers imports common first.
+logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
