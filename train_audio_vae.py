@@ -253,6 +253,19 @@ class VAEForTraining(nn.Module):
         return self.vae.decode(z).sample, dist.mean, dist.logvar  # (B, 1, ...) x 1, (B, C, ...) x 2
 
 
+def compile_options(args):
+    """Inductor's options for --compile: those of --compile_mode and, in the mel mode, its convolutions laid out
+    channels-last inside the compiled graphs. Inductor's own heuristic leaves these small-channel convolutions NCHW,
+    and cuDNN then transposes around every bf16 convolution: forcing the layout ran 1.16x faster on an H100
+    (README). In float64 the step gives eager's values to 1e-13 either way (tested on the GPU)."""
+    import torch._inductor
+
+    options = dict(torch._inductor.list_mode_options(args.compile_mode, dynamic=False))
+    if args.mode == "mel":
+        options["force_layout_optimization"] = True
+    return options
+
+
 def build_models(args, device, memory_format):
     """The VAE and the discriminator (None without a GAN) on `device`, the G:D parameter ratio logged."""
     vae = build_vae(PRESETS[args.model], args.latent_channels, args.sample_rate)
@@ -707,9 +720,9 @@ def main(args):
     model = VAEForTraining(vae)
     if args.compile:  # in place: state-dict keys keep their names; one static graph per shape
         args.compile_mode = compile_mode_for_accumulation(args.compile_mode, args.gradient_accumulation_steps)
-        model.compile(dynamic=False, mode=args.compile_mode)
+        model.compile(dynamic=False, options=compile_options(args))
         if disc is not None:
-            disc.compile(dynamic=False, mode=args.compile_mode)
+            disc.compile(dynamic=False, options=compile_options(args))
     model, opt_vae = accelerator.prepare(model, opt_vae)
     optimizers = {"vae": opt_vae}
     if disc is not None:
