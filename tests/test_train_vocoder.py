@@ -176,19 +176,24 @@ def _train_steps_on_gpu(steps, compile_mode=None):
     torch._dynamo.reset()
     flags = ["--compile", "--compile_mode", compile_mode] if compile_mode else []
     args = script.build_parser().parse_args(["--output_dir", "/tmp/unused", "--train_data_dir", ".", *TINY, *flags])
+    saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
-    generator, disc, mel_fn, spectral, opt_g, opt_d = vocoder_parts(script, args, device="cuda")
-    if args.compile:
-        script.compile_models(generator, spectral, disc, args.compile_mode)
-    accelerator = Accelerator()
-    generator_p, disc_p, opt_g, opt_d = accelerator.prepare(generator, disc, opt_g, opt_d)
-    g = torch.Generator().manual_seed(1)
-    kept, read = [], []
-    for step in range(steps):
-        audio = (0.3 * torch.randn(4, 2048, generator=g)).cuda()
-        out = script.train_step(audio, generator_p, disc_p, mel_fn, spectral, opt_g, opt_d, accelerator, args, step)
-        kept.append(out)
-        read.append({k: float(v) for k, v in out.items() if v.dtype.is_floating_point})
+    try:
+        generator, disc, mel_fn, spectral, opt_g, opt_d = vocoder_parts(script, args, device="cuda")
+        if args.compile:
+            script.compile_models(generator, spectral, disc, args.compile_mode)
+        accelerator = Accelerator()
+        generator_p, disc_p, opt_g, opt_d = accelerator.prepare(generator, disc, opt_g, opt_d)
+        g = torch.Generator().manual_seed(1)
+        kept, read = [], []
+        for step in range(steps):
+            audio = (0.3 * torch.randn(4, 2048, generator=g)).cuda()
+            out = script.train_step(audio, generator_p, disc_p, mel_fn, spectral, opt_g, opt_d, accelerator, args,
+                                    step)
+            kept.append(out)
+            read.append({k: float(v) for k, v in out.items() if v.dtype.is_floating_point})
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
     weights = {k: v.detach().clone() for k, v in generator.state_dict().items()}
     return kept, read, weights
 
