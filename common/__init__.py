@@ -25,8 +25,11 @@ vocoder        HiFi-GAN, BigVGAN and Vocos generators; the vocoder export, its l
 
 import logging
 
-# bitsandbytes 0.50 logs a warning when it is imported on a CPU with AVX512-BF16 and the optional `kernels` package
-# (its CPU 4-bit matmul) is missing, and diffusers imports bitsandbytes with every model class. These scripts use
-# bitsandbytes only for 8-bit Adam on the GPU; unsilenced, that line would open every run's log and every one-line
-# error. A script that imports diffusers imports common first.
-logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
+# On a CPU with AVX512-BF16, importing bitsandbytes 0.50 (which diffusers does with every model class) tries to fetch
+# its CPU 4-bit matmul from the Hugging Face Hub through the `kernels` package (which transformers 5 installs). Offline,
+# `kernels` warns that it skips the publisher check, and bitsandbytes warns when the fetch fails or `kernels` is
+# missing. These scripts use bitsandbytes only for 8-bit Adam on the GPU; unsilenced, those lines would open every
+# run's log and every one-line error. A script that imports diffusers imports common first.
+for _name in ("bitsandbytes.backends.cpu.ops", "kernels._internals.hf_hub"):
+    logging.getLogger(_name).setLevel(logging.ERROR)
+del _name
