@@ -100,13 +100,21 @@ class LatentSpace(nn.Module):
 
     @property
     def latent_channels(self):
-        return self.vae.config.latent_channels if self.audio is None else self.audio.vae.config.latent_channels
+        return self.vae.config.latent_channels if self.audio is None else self.audio.latent_channels
+
+    @property
+    def one_row(self):
+        """A waveform VAE's latents are (C, frames): the denoiser sees them as (C, 1, frames), one row."""
+        return self.audio is not None and self.audio.mode == "waveform"
 
     def factors(self):
-        """Input pixels (image) or (mel bins, audio samples) per latent element, along (H, W)."""
+        """Input pixels (image), (mel bins, audio samples) (mel audio) or (1, audio samples) (waveform audio) per
+        latent element, along (H, W)."""
         if self.kind == "image":
             f = 2 ** (len(self.vae.config.block_out_channels) - 1)
             return f, f
+        if self.one_row:
+            return 1, self.audio.samples_per_latent_frame
         f = 2 ** (len(self.audio.vae.config.block_out_channels) - 1)
         return f, self.audio.samples_per_latent_frame
 
@@ -114,18 +122,22 @@ class LatentSpace(nn.Module):
     def posterior(self, x):
         """Images (B, 3, H, W) in [-1, 1] or audio (B, T) -> posterior mean and std (B, C, h, w), float32."""
         dist = self.vae.encode(x.float()).latent_dist if self.audio is None else self.audio.encode(x.float())
-        return dist.mean.float(), dist.std.float()
+        mean, std = dist.mean.float(), dist.std.float()
+        if self.one_row:  # (B, C, frames) -> (B, C, 1, frames)
+            mean, std = mean.unsqueeze(2), std.unsqueeze(2)
+        return mean, std
 
     def to_model(self, z):
         return (z - self.shift) * self.scale
 
     @torch.no_grad()
     def decode(self, latents):
-        """Scaled latents -> images in [-1, 1] (B, 3, H, W), or log-mel spectrograms (B, n_mels, frames)."""
+        """Scaled latents -> images in [-1, 1] (B, 3, H, W), log-mel spectrograms (B, n_mels, frames) (mel audio
+        VAE) or audio (B, samples) (waveform audio VAE)."""
         z = latents.float() / self.scale + self.shift
         if self.audio is None:
             return self.vae.decode(z).sample.clamp(-1, 1)
-        return self.audio.decode(z)
+        return self.audio.decode(z.squeeze(2) if self.one_row else z)
 
 
 def load_latent_space(path, subfolder=None, revision=None):
@@ -259,7 +271,8 @@ def build_parser():
                         "dit-tiny / unet-tiny for tests.")
     g.add_argument("--vae", type=str, default=DEFAULT_VAE,
                    help="The frozen VAE: a diffusers AutoencoderKL hub id or folder, an export of train_image_vae.py, "
-                        "or an export of train_audio_vae.py (audio mode).")
+                        "or an export of train_audio_vae.py (mel or waveform mode; a waveform VAE's one-row "
+                        "latents take a DiT only).")
     g.add_argument("--vae_subfolder", type=str, default=None, help="e.g. 'vae' inside a pipeline repo.")
     g.add_argument("--revision", type=str, default=None, help="Revision of a hub VAE.")
     g.add_argument("--conditioning", type=str, default="text", choices=CONDITIONINGS,
@@ -856,7 +869,7 @@ def audio_lengths(latent_space, args):
         return None, None
     per_frame = latent_space.audio.samples_per_latent_frame
     frames = math.ceil(args.audio_seconds * latent_space.audio.sample_rate / per_frame)
-    multiple = args.latent_multiple
+    multiple = args.latent_multiple[1]
     frames = -(-frames // multiple) * multiple
     return latent_space.audio.sample_rate, frames * per_frame
 
@@ -1009,9 +1022,12 @@ def write_samples(decoded, latent_space, vocoder, labels, folder, prefix, accele
     from common.spectral import griffin_lim
 
     audio = latent_space.audio
-    spectrogram_image(list(decoded)).save(folder / f"{prefix}_mel.png")
+    # decoded: log-mels (B, n_mels, frames), or audio (B, samples) from a waveform VAE, shown by its log-mel
+    mels = audio.mel.to(decoded.device)(decoded) if audio.mode == "waveform" else decoded
+    picture = spectrogram_image(list(mels))
+    picture.save(folder / f"{prefix}_mel.png")
     if accelerator is not None:
-        log_images(accelerator, "val/spectrograms", spectrogram_image(list(decoded)), step)
+        log_images(accelerator, "val/spectrograms", picture, step)
     for n, mel in enumerate(decoded):
         if audio.mode == "waveform":
             wave, mark = mel.reshape(-1), ""
@@ -1334,23 +1350,26 @@ def setup_models(args, items, kind, device):
                      "layer": args.text_layer, "hidden_size": text_encoder.hidden_size}
     context_dim = text_encoder.hidden_size if text_encoder is not None else args.class_embed_dim
     config = denoiser_config(args.model, latent_space.latent_channels, context_dim)
-    args.latent_multiple = denoiser_downsampling(config)
+    if latent_space.one_row:  # waveform latents (C, 1, frames): a DiT patches along time only
+        if config["family"] != "dit":
+            raise SystemExit(f"--model {args.model}: a waveform audio VAE's latents are one row, which a UNet cannot "
+                             f"downsample; use a DiT preset ({', '.join(p for p in DENOISER_PRESETS if 'dit' in p)})")
+        config["patch_size"] = [1, denoiser_downsampling(config)[1]]
+    args.latent_multiple = m_h, m_w = denoiser_downsampling(config)
     f_h, f_w = latent_space.factors()
     if kind == "image":
-        if args.resolution % (f_h * args.latent_multiple):
-            good = max(1, args.resolution // (f_h * args.latent_multiple)) * f_h * args.latent_multiple
+        if args.resolution % (f_h * m_h) or args.resolution % (f_w * m_w):
+            good = max(1, args.resolution // (f_h * m_h)) * f_h * m_h
             raise SystemExit(f"--resolution {args.resolution} is not a multiple of the VAE's downsampling factor {f_h} "
-                             f"times {args.model}'s patch/downsampling size {args.latent_multiple} (try {good})")
+                             f"times {args.model}'s patch/downsampling size {m_h} (try {good})")
         latent_shape = (latent_space.latent_channels, args.resolution // f_h, args.resolution // f_w)
     else:
-        n_mels = latent_space.audio.mel_config.n_mels if latent_space.audio.mode == "mel" else None
         _, num_samples = audio_lengths(latent_space, args)
-        if n_mels is None:  # a waveform VAE's latents are (C, frames): the denoiser sees them as one row
-            raise SystemExit(f"--vae {args.vae}: waveform-mode audio VAEs are not supported yet; use a mel-mode export")
-        if (n_mels // f_h) % args.latent_multiple:
-            raise SystemExit(f"--vae {args.vae}: its {n_mels // f_h} latent mel rows are not a multiple of {args.model}'s "
-                             f"patch/downsampling size {args.latent_multiple}")
-        latent_shape = (latent_space.latent_channels, n_mels // f_h, num_samples // f_w)
+        rows = 1 if latent_space.one_row else latent_space.audio.mel_config.n_mels // f_h
+        if rows % m_h:
+            raise SystemExit(f"--vae {args.vae}: its {rows} latent mel rows are not a multiple of {args.model}'s "
+                             f"patch/downsampling size {m_h}")
+        latent_shape = (latent_space.latent_channels, rows, num_samples // f_w)
     if args.vocoder:
         from common.vocoder import read_vocoder_mel_config
 

@@ -149,6 +149,12 @@ class AudioVAE(nn.Module):
         return time_factor(self.vae)
 
     @property
+    def latent_channels(self):
+        # AutoencoderKL names it latent_channels; AutoencoderOobleck, decoder_input_channels
+        config = self.vae.config
+        return config.latent_channels if self.mode == "mel" else config.decoder_input_channels
+
+    @property
     def samples_per_latent_frame(self):
         return self.time_factor * (self.mel_config.hop_length if self.mode == "mel" else 1)
 

@@ -3,9 +3,10 @@
 Every denoiser has one forward, whatever its family:
 
     model(x, t, context, context_mask) -> prediction shaped like x
-    x (B, C, H, W): latents of any aspect ratio (audio mel latents are long and thin); H and W multiples of
-      `denoiser_downsampling(config)`. t (B,): timesteps in [0, 1000], float or integer. context (B, L, context_dim):
-      text-encoder hidden states, any L. context_mask (B, L) bool, True = a real token.
+    x (B, C, H, W): latents of any aspect ratio (audio mel latents are long and thin; a waveform VAE's latents are
+      one row, H = 1, for a DiT with patch_size [1, p]); H and W multiples of `denoiser_downsampling(config)`.
+    t (B,): timesteps in [0, 1000], float or integer. context (B, L, context_dim): text-encoder hidden states, any
+      L. context_mask (B, L) bool, True = a real token.
 
 A model is rebuilt from its JSON-able `model.config` by `build_denoiser`, so an export is config.json +
 model.safetensors. Presets are named in DENOISER_PRESETS; `denoiser_config(preset, in_channels, context_dim)` turns
@@ -92,11 +93,21 @@ def build_denoiser(config):
     raise ValueError(f"unknown denoiser family {family!r} (expected 'dit' or 'unet')")
 
 
+def patch_shape(patch_size):
+    """A DiT's patch_size as (along H, along W): an int p is a p x p patch, [ph, pw] a ph x pw one."""
+    if isinstance(patch_size, int):
+        return patch_size, patch_size
+    ph, pw = patch_size
+    return int(ph), int(pw)
+
+
 def denoiser_downsampling(config):
-    """What H and W of the latents must be multiples of: the DiT's patch size, or 2 per UNet downsampling."""
+    """(along H, along W): what the latents' height and width must be multiples of: the DiT's patch, or 2 per UNet
+    downsampling in both."""
     if config["family"] == "dit":
-        return config["patch_size"]
-    return 2 ** (len(config["block_out_channels"]) - 1)
+        return patch_shape(config["patch_size"])
+    f = 2 ** (len(config["block_out_channels"]) - 1)
+    return f, f
 
 
 def count_parameters(model):
@@ -111,9 +122,9 @@ def denoiser_flops_per_sample(config, latent_shape, context_len):
     if config["family"] == "unet":
         return _meta_flops(config, latent_shape, context_len)
     _, height, width = latent_shape
-    p, D, depth = config["patch_size"], config["hidden_size"], config["depth"]
-    T, L, M = (height // p) * (width // p), context_len, int(D * config["mlp_ratio"])
-    embed = (T * config["in_channels"] * p * p * D  # patchify
+    (ph, pw), D, depth = patch_shape(config["patch_size"]), config["hidden_size"], config["depth"]
+    T, L, M = (height // ph) * (width // pw), context_len, int(D * config["mlp_ratio"])
+    embed = (T * config["in_channels"] * ph * pw * D  # patchify
              + TIME_FREQ_DIM * D + D * D  # timestep MLP
              + L * (config["context_dim"] * D + D * D)  # context projection
              + 2 * D * D)  # pooled-text MLP
@@ -121,7 +132,7 @@ def denoiser_flops_per_sample(config, latent_shape, context_len):
              + T * 3 * D * D + 2 * T * T * D + T * D * D  # self-attention: qkv, scores and values, output
              + T * D * D + L * 2 * D * D + 2 * T * L * D + T * D * D  # cross-attention: q, kv, scores and values, output
              + 2 * T * D * M)  # MLP
-    final = 2 * D * D + T * D * p * p * config["out_channels"]
+    final = 2 * D * D + T * D * ph * pw * config["out_channels"]
     return 2 * (embed + depth * block + final)
 
 
@@ -241,8 +252,8 @@ class DiTBlock(nn.Module):
 class DiT(nn.Module):
     """Diffusion transformer over latent patches, conditioned on the timestep and text.
 
-    Patches (Conv2d, stride = patch) + fixed 2-D sin-cos positions for the actual grid (so any aspect ratio
-    works). Conditioning vector c = MLP(timestep sinusoids) + MLP(masked mean of the projected text tokens), so
+    Patches (Conv2d, stride = patch; `patch_size` p is p x p, [ph, pw] is ph x pw, e.g. [1, 2] for one-row latents)
+    + fixed 2-D sin-cos positions for the actual grid (so any aspect ratio works). Conditioning vector c = MLP(timestep sinusoids) + MLP(masked mean of the projected text tokens), so
     adaLN also sees the prompt; the projected tokens themselves are attended to in every block. The final layer
     (adaLN + linear) is zero-initialised, so the untrained model outputs exactly 0.
 
@@ -259,10 +270,10 @@ class DiT(nn.Module):
         self.config = {"family": "dit", "in_channels": in_channels, "out_channels": out_channels,
                        "context_dim": context_dim, "hidden_size": hidden_size, "depth": depth,
                        "num_heads": num_heads, "patch_size": patch_size, "mlp_ratio": mlp_ratio, "qk_norm": qk_norm}
-        self.patch_size, self.out_channels = patch_size, out_channels
+        self.patch, self.out_channels = patch_shape(patch_size), out_channels
         self.gradient_checkpointing = False
         D = hidden_size
-        self.patch_embed = nn.Conv2d(in_channels, D, patch_size, stride=patch_size)
+        self.patch_embed = nn.Conv2d(in_channels, D, self.patch, stride=self.patch)
         self.time_embed = nn.Sequential(nn.Linear(TIME_FREQ_DIM, D), nn.SiLU(), nn.Linear(D, D))
         # The text is projected to the model width once, not in every block; each block's k, v read the projection.
         self.context_embed = nn.Sequential(nn.Linear(context_dim, D), nn.GELU(approximate="tanh"), nn.Linear(D, D))
@@ -270,7 +281,7 @@ class DiT(nn.Module):
         self.blocks = nn.ModuleList(DiTBlock(D, num_heads, mlp_ratio, qk_norm) for _ in range(depth))
         self.final_norm = nn.LayerNorm(D, elementwise_affine=False, eps=1e-6)
         self.final_ada = nn.Linear(D, 2 * D)
-        self.final_proj = nn.Linear(D, patch_size * patch_size * out_channels)
+        self.final_proj = nn.Linear(D, self.patch[0] * self.patch[1] * out_channels)
         self._pos_cache = {}
         self._init_weights()
 
@@ -302,10 +313,10 @@ class DiT(nn.Module):
 
     def forward(self, x, t, context, context_mask=None):
         B, _, H, W = x.shape
-        p = self.patch_size
-        if H % p or W % p:
-            raise ValueError(f"latent size {H}x{W} is not a multiple of the patch size {p}")
-        h, w = H // p, W // p
+        ph, pw = self.patch
+        if H % ph or W % pw:
+            raise ValueError(f"latent size {H}x{W} is not a multiple of the patch size {ph}x{pw}")
+        h, w = H // ph, W // pw
         in_dtype, dtype = x.dtype, self.patch_embed.weight.dtype
         if context_mask is None:
             context_mask = torch.ones(context.shape[:2], dtype=torch.bool, device=context.device)
@@ -338,8 +349,8 @@ class DiT(nn.Module):
                 tokens = block(tokens, cond, ctx, attn_mask, has_text)
 
         shift, scale = self.final_ada(cond).chunk(2, dim=-1)
-        out = self.final_proj(modulate(self.final_norm(tokens), shift, scale))  # (B, T, p * p * C)
-        out = out.view(B, h, w, p, p, self.out_channels).permute(0, 5, 1, 3, 2, 4)  # (B, C, h, p, w, p)
+        out = self.final_proj(modulate(self.final_norm(tokens), shift, scale))  # (B, T, ph * pw * C)
+        out = out.view(B, h, w, ph, pw, self.out_channels).permute(0, 5, 1, 3, 2, 4)  # (B, C, h, ph, w, pw)
         return out.reshape(B, self.out_channels, H, W).to(in_dtype)
 
 

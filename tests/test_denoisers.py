@@ -182,9 +182,10 @@ def test_config_api():
     config = denoiser_config("dit-45m", in_channels=8, context_dim=1024, qk_norm=True, depth=4)
     assert (config["family"], config["in_channels"], config["out_channels"]) == ("dit", 8, 8)
     assert config["qk_norm"] is True and config["depth"] == 4
-    assert denoiser_downsampling(config) == 2
+    assert denoiser_downsampling(config) == (2, 2)
+    assert denoiser_downsampling({**config, "patch_size": [1, 4]}) == (1, 4)
     unet = denoiser_config("unet-45m", 4, 768)
-    assert unet["family"] == "unet" and denoiser_downsampling(unet) == 8
+    assert unet["family"] == "unet" and denoiser_downsampling(unet) == (8, 8)
     assert unet["down_block_types"] == ["CrossAttnDownBlock2D"] * 3 + ["DownBlock2D"]
     assert unet["up_block_types"] == ["UpBlock2D"] + ["CrossAttnUpBlock2D"] * 3
     with pytest.raises(ValueError, match="unknown denoiser preset"):
@@ -205,6 +206,34 @@ def test_flops_match_the_dispatch_counter(preset, shape, context_len):
         model(x, t, context, mask)
     analytic = denoiser_flops_per_sample(model.config, shape[1:], context_len)
     assert analytic == pytest.approx(counter.total / shape[0], rel=0.02)
+
+
+def test_rectangular_patches_for_one_row_latents():
+    """patch_size [ph, pw]: [2, 2] is the square patch 2 exactly; [1, 2] takes a waveform VAE's one-row latents."""
+    square, pair = tiny("dit-tiny"), tiny("dit-tiny", patch_size=[2, 2])
+    x, t, context, mask = inputs((2, 4, 4, 16))
+    with torch.no_grad():
+        assert torch.equal(square(x, t, context, mask), pair(x, t, context, mask))
+    row = tiny("dit-tiny", patch_size=[1, 2])
+    x, t, context, mask = inputs((2, 4, 1, 16))
+    with torch.no_grad():
+        out = row(x, t, context, mask)
+        assert out.shape == x.shape and torch.isfinite(out).all()
+        twin = build_denoiser(json.loads(json.dumps(row.config)))  # the export's JSON round trip
+        twin.load_state_dict(row.state_dict())
+        assert torch.equal(twin.eval()(x, t, context, mask), out)
+        # Each patch's output comes from its own token: a change in frames 4-5 reaches frames 4-5 directly, and
+        # the rest only through attention (not at all with attention's output projections zeroed).
+        for block in row.blocks:
+            block.attn.proj.weight.zero_(), block.attn.proj.bias.zero_()
+        base = row(x, t, context, mask)
+        x2 = x.clone()
+        x2[..., 4:6] += 1.0
+        changed = (row(x2, t, context, mask) - base).abs().amax(dim=(0, 1, 2)) > 0
+        assert changed.tolist() == [i in (4, 5) for i in range(16)]
+    with torch.no_grad(), sdpa_kernel(SDPBackend.MATH), FlopCount() as counter:
+        row(x, t, context, mask)
+    assert denoiser_flops_per_sample(row.config, x.shape[1:], 7) == pytest.approx(counter.total / 2, rel=0.02)
 
 
 def test_gradient_checkpointing_gives_the_same_gradients():

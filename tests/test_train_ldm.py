@@ -292,6 +292,54 @@ def test_text_to_audio_over_a_mel_audio_vae(tmp_path):
     assert len(list(gen.glob("grid_*_griffinlim.wav"))) == 1
 
 
+def test_text_to_audio_over_a_waveform_audio_vae(tmp_path):
+    """A waveform (Oobleck) audio VAE's latents are (C, frames): the DiT sees one row and patches along time only.
+    Samples are the VAE's own audio (no vocoder, no Griffin-Lim), and `generate` draws the same clips again."""
+    from common.audio_vae import PRESETS, build_vae, save_audio_vae
+    from common.demo_data import make_demo_audio
+    from common.spectral import MelConfig
+
+    mel = MelConfig(sample_rate=8000, n_fft=512, hop_length=128, win_length=512, n_mels=16, fmax=4000.0)
+    torch.manual_seed(0)
+    vae = build_vae(PRESETS["wave-tiny"], 4, mel.sample_rate)  # one latent frame per 256 samples
+    save_audio_vae(tmp_path / "audio_vae", vae, "waveform", mel, 0.0, 1.0, {"scaling_factor": 2.0, "shift_factor": 0.0})
+    audio = make_demo_audio(tmp_path / "clips", num_files=12, seconds=1.0, sample_rate=8000, seed=0)
+    text = "hf:" + str(make_demo_text_encoder(tmp_path / "text", 32, 1))
+    out = tmp_path / "run"
+    base = ["--train_data_dir", audio, "--vae", tmp_path / "audio_vae", "--text_encoder", text, *TINY,
+            "--audio_seconds", "0.5", "--train_batch_size", "4", "--validation_prompts", "a few notes", "low hum", "--num_validation_seeds", "1"]
+    run("train_ldm.py", *base, "--output_dir", out, "--max_train_steps", "4", "--validation_steps", "4",
+        "--cache_dir", tmp_path / "cache")
+    config = json.loads((out / "ldm_config.json").read_text())
+    # 0.5 s = 4000 samples -> 15.6 frames of 256, rounded up to 16 (a whole number of 2-frame patches)
+    assert config["kind"] == "audio" and config["latent_shape"] == [4, 1, 16]
+    assert config["denoiser"]["patch_size"] == [1, 2]
+    assert np.load(tmp_path / "cache" / "shard_00000" / "mean.npy").shape == (8, 1, 4, 1, 16)
+    losses = [m["loss/total"] for m in read_metrics(out / "metrics.jsonl") if "loss/total" in m]
+    assert len(losses) == 4 and np.isfinite(losses).all()
+    clips = sorted((out / "samples").glob("step_0000004_*.wav"))
+    assert [c.name for c in clips] == ["step_0000004_00.wav", "step_0000004_01.wav"]  # no '_griffinlim' mark
+    assert (out / "samples" / "step_0000004_mel.png").is_file()
+    import soundfile as sf
+
+    wave, rate = sf.read(clips[0])
+    assert rate == 8000 and len(wave) == 16 * 256
+    last = load_file(out / "samples" / "last_validation.safetensors")
+    gen = tmp_path / "gen"
+    run("train_ldm.py", "generate", "--model", out, "--output", gen, "--prompt", "a few notes", "low hum")
+    generated = load_file(gen / "samples.safetensors")
+    assert generated["latents"].shape == (2, 4, 1, 16) and generated["decoded"].shape == (2, 16 * 256)
+    torch.testing.assert_close(generated["latents"], last["latents"], rtol=0, atol=0)
+    torch.testing.assert_close(generated["decoded"], last["decoded"], rtol=0, atol=0)
+    assert len(list(gen.glob("grid_*.wav"))) == 2 and not list(gen.glob("*griffinlim*"))
+
+    # A UNet cannot downsample one-row latents: refused before any encoding.
+    proc = run("train_ldm.py", *base, "--output_dir", tmp_path / "unet", "--model", "unet-tiny", "--max_train_steps",
+               "1", check=False)
+    assert proc.returncode != 0 and "--model unet-tiny: a waveform audio VAE's latents are one row" in proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
 def test_fid_inception_score_and_clip_score_against_a_reference_folder(parts, tmp_path):
     """The metric code path with stand-in weights: a random Inception-v3 and a tiny random open_clip CLIP."""
     from open_clip.model import CLIP
