@@ -37,6 +37,7 @@ run() {
 rm -f "$out/commands.txt"
 run dit45m_cache --cache_dir "$out/cache"
 run dit45m_cache_compiled --cache_dir "$out/cache" --compile                 # CUDA graphs (reduce-overhead)
+run dit45m_cache_compiled_autotune --cache_dir "$out/cache" --compile --compile_mode max-autotune  # + Inductor's GEMM search
 run dit45m_cache_compiled_default --cache_dir "$out/cache" --compile --compile_mode default
 run dit45m_cache_compiled_b128 --cache_dir "$out/cache" --compile --train_batch_size 128
 run unet45m_cache --cache_dir "$out/cache" --model unet-45m

@@ -50,7 +50,7 @@ def kind_of(name):
     return "other"
 
 
-def profile_steps(step_fn, steps, first_index):
+def profile_steps(step_fn, steps, first_index, top=25):
     from torch.profiler import ProfilerActivity, profile
 
     torch.cuda.synchronize()
@@ -71,7 +71,7 @@ def profile_steps(step_fn, steps, first_index):
     lines += [f"  {kind:28s} {us / steps / 1e3:7.2f} ms/step {us / 1e6 / busy:6.1%}"
               for kind, us in sorted(by_kind.items(), key=lambda kv: -kv[1])]
     lines.append("longest kernels (ms per step, launches per step, name):")
-    top = sorted(kernels.items(), key=lambda kv: -kv[1][0])[:25]
+    top = sorted(kernels.items(), key=lambda kv: -kv[1][0])[:top]
     lines += [f"  {us / steps / 1e3:7.3f} {calls / steps:6.1f}  {name[:110]}" for name, (us, calls) in top]
     host = [e for e in prof.key_averages() if e.device_type == torch.autograd.DeviceType.CPU]
     lines.append("host operations with the most CPU time, own time (ms per step, calls per step, name):")
@@ -83,6 +83,7 @@ def profile_steps(step_fn, steps, first_index):
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], allow_abbrev=False)
     parser.add_argument("--steps", type=int, default=10, help="steps to profile after the dry run")
+    parser.add_argument("--top", type=int, default=25, help="how many of the longest kernels to list")
     parser.add_argument("--host_sync", action="store_true", help="decide skipped steps on the host (synchronising)")
     parser.add_argument("--fixed_batch", action="store_true", help="train every step on the first batch")
     parser.add_argument("--diffusers_attention", action="store_true",
@@ -96,7 +97,7 @@ def main():
 
     def run_and_profile(self, step_fn):
         lines = dry_run(self, step_fn)
-        return lines + profile_steps(step_fn, args.steps, self.steps + 1)
+        return lines + profile_steps(step_fn, args.steps, self.steps + 1, args.top)
 
     DryRun.run = run_and_profile
     if args.host_sync:
