@@ -47,8 +47,9 @@ from common.perf import DryRun, FlopCount, Throughput, peak_bf16_flops
 from common.spectral import MelConfig, MultiResolutionSTFTLoss, MultiScaleMelLoss, griffin_lim
 from common.training import (COMPILE_MODES, GracefulStop, MetricsAccumulator, MetricsFile, SkipGuard, StopCondition,
                              Watchdog, all_stepped, bf16_if_supported, clip_and_step_all,
-                             compile_mode_for_accumulation, freeze, frozen, init_trackers, log_changed_settings,
-                             new_run_id, setup_accelerator, tracker_tags, uses_cuda_graphs, write_run_info)
+                             compile_mode_for_accumulation, fail_fast, freeze, frozen, init_trackers,
+                             log_changed_settings, new_run_id, setup_accelerator, tracker_tags, uses_cuda_graphs,
+                             write_run_info)
 from common.vocoder import load_vocoder, read_vocoder_mel_config
 
 logger = get_logger(__name__)
@@ -859,4 +860,5 @@ def main(args):
 
 
 if __name__ == "__main__":
-    main(parse_args())
+    with fail_fast():
+        main(parse_args())

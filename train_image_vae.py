@@ -44,7 +44,7 @@ from common.metrics import LatentStats, psnr, ssim
 from common.optim import build_optimizer, build_scheduler, observe_plateau
 from common.perf import DryRun, FlopCount, Throughput, peak_bf16_flops
 from common.training import (GracefulStop, MetricsAccumulator, MetricsFile, SkipGuard, StopCondition, Watchdog,
-                             all_stepped, bf16_if_supported, clip_and_step, freeze, frozen, init_trackers,
+                             all_stepped, bf16_if_supported, clip_and_step, fail_fast, freeze, frozen, init_trackers,
                              log_changed_settings, new_run_id, setup_accelerator, tracker_tags, write_run_info)
 from diffusers import AutoencoderKL  # after common, which quiets a bitsandbytes import warning (common/__init__.py)
 
@@ -664,4 +664,5 @@ def main(args):
 
 
 if __name__ == "__main__":
-    main(parse_args())
+    with fail_fast():
+        main(parse_args())

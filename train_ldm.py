@@ -61,8 +61,8 @@ from common.media import image_grid, log_audio, log_images, spectrogram_image
 from common.optim import build_optimizer, build_scheduler, observe_plateau
 from common.perf import DryRun, FlopCount, Throughput, peak_bf16_flops
 from common.training import (COMPILE_MODES, GracefulStop, MetricsAccumulator, MetricsFile, SkipGuard, StopCondition,
-                             Watchdog, bf16_if_supported, clip_and_step, compile_mode_for_accumulation, freeze,
-                             init_trackers, log_changed_settings, new_run_id, setup_accelerator, tracker_tags,
+                             Watchdog, bf16_if_supported, clip_and_step, compile_mode_for_accumulation, fail_fast,
+                             freeze, init_trackers, log_changed_settings, new_run_id, setup_accelerator, tracker_tags,
                              write_run_info)
 
 logger = get_logger(__name__)
@@ -1633,4 +1633,5 @@ def default_betas(args):
 if __name__ == "__main__":
     if len(sys.argv) > 1 and sys.argv[1] == "generate":
         sys.exit(generate_main(sys.argv[2:]))
-    main(parse_args())
+    with fail_fast():
+        main(parse_args())

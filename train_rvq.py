@@ -48,8 +48,9 @@ from common.ema import EMA
 from common.optim import build_optimizer, build_scheduler, observe_plateau
 from common.perf import DryRun, FlopCount, Throughput, peak_bf16_flops
 from common.training import (GracefulStop, MetricsAccumulator, MetricsFile, SkipGuard, StopCondition, Watchdog,
-                             bf16_if_supported, freeze, init_trackers, log_changed_settings, new_run_id, read_metrics,
-                             setup_accelerator, skips_on_device, step_on_device, tracker_tags, write_run_info)
+                             bf16_if_supported, fail_fast, freeze, init_trackers, log_changed_settings, new_run_id,
+                             read_metrics, setup_accelerator, skips_on_device, step_on_device, tracker_tags,
+                             write_run_info)
 
 logger = get_logger(__name__)
 
@@ -1287,4 +1288,5 @@ if __name__ == "__main__":
     commands = {"encode": encode_main, "generate": generate_main, "doctor": doctor_main}
     if len(sys.argv) > 1 and sys.argv[1] in commands:
         sys.exit(commands[sys.argv[1]](sys.argv[2:]))
-    main(parse_args())
+    with fail_fast():
+        main(parse_args())

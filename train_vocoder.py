@@ -48,9 +48,9 @@ from common.perf import DryRun, FlopCount, Throughput, peak_bf16_flops
 from common.spectral import (MelConfig, MelSpectrogram, MultiResolutionSTFTLoss, MultiScaleMelLoss,
                              stft_phase_losses)
 from common.training import (COMPILE_MODES, GracefulStop, MetricsAccumulator, MetricsFile, SkipGuard, StopCondition,
-                             Watchdog, all_stepped, clip_and_step_all, compile_mode_for_accumulation, freeze, frozen,
-                             init_trackers, log_changed_settings, new_run_id, setup_accelerator, tracker_tags,
-                             uses_cuda_graphs, write_run_info)
+                             Watchdog, all_stepped, clip_and_step_all, compile_mode_for_accumulation, fail_fast,
+                             freeze, frozen, init_trackers, log_changed_settings, new_run_id, setup_accelerator,
+                             tracker_tags, uses_cuda_graphs, write_run_info)
 from common.vocoder import GENERATOR_PRESETS, build_generator, generator_config, save_vocoder
 
 logger = get_logger(__name__)
@@ -647,4 +647,5 @@ def main(args):
 
 
 if __name__ == "__main__":
-    main(parse_args())
+    with fail_fast():
+        main(parse_args())

@@ -1,6 +1,7 @@
 """The small pieces of glue every training loop needs: precision flags, RNG state, guarded optimizer steps,
 metric accumulation and logging. None of it is a loop; each script's loop stays in the script."""
 
+import atexit
 import contextlib
 import faulthandler
 import json
@@ -14,6 +15,7 @@ import signal
 import sys
 import threading
 import time
+import traceback
 import uuid
 from pathlib import Path
 
@@ -576,6 +578,46 @@ def process_group_kwargs(stall_timeout):
     from accelerate.utils import InitProcessGroupKwargs
 
     return [InitProcessGroupKwargs(timeout=timedelta(seconds=stall_timeout + 120))] if stall_timeout else []
+
+
+@contextlib.contextmanager
+def fail_fast(grace=60.0):
+    """Around a script's `main`: in a run of several processes, a process that fails exits at once with the error's
+    status, instead of through the interpreter's teardown.
+
+    On that path the process group was never destroyed (`end_training` does it on success), and its destructor can
+    wait for ever on peers that are failing too (NCCL's, pytorch/pytorch#119215): the launcher, which ends every
+    process once one has exited, then waits with them and the job never ends. Here the error is printed as Python
+    prints it, exit handlers (trackers closing their files, data loader workers) get `grace` seconds, and the
+    process ends without tearing the interpreter down. Single-process runs and errors before the process group
+    exists are left to Python."""
+    try:
+        yield
+    except BaseException as err:
+        import torch.distributed as dist
+
+        if isinstance(err, SystemExit):
+            status = err.code if isinstance(err.code, int) else int(err.code is not None)
+        else:
+            status = 130 if isinstance(err, KeyboardInterrupt) else 1
+        if status == 0 or not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+            raise
+        if isinstance(err, SystemExit):
+            print(err.code, file=sys.stderr)
+        else:
+            traceback.print_exception(err)
+
+        def give_up():
+            print(f"exit handlers still running after {grace:g} s: exiting without them", file=sys.stderr, flush=True)
+            os._exit(status)
+
+        timer = threading.Timer(grace, give_up)
+        timer.daemon = True
+        timer.start()
+        atexit._run_exitfuncs()
+        for stream in (sys.stdout, sys.stderr):
+            stream.flush()
+        os._exit(status)
 
 
 def log_changed_settings(saved_args, args, keys, saved_processes=None, processes=None):

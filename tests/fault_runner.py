@@ -16,6 +16,9 @@ accumulation and no resume, the optimizer step being computed.
 --nan_from_step K              losses of micro-step K and every later one become NaN (a run that diverged) ...
 --nan_rank R                   ... on process R only (default: every process)
 --hang_at_step K               process --hang_rank hangs for ever in the backward pass of micro-step K
+--raise_at_step K              the backward pass of micro-step K raises a RuntimeError, on every process
+--block_teardown               an object that only the interpreter's teardown destroys blocks for ever there, as
+                               a process group's destructor can when its peers are failing too
 --hang_data_at N               the data iterator hangs for ever before its N-th batch
 --step_delay SECONDS           sleep this long in every backward pass (to make a run slow enough to signal)
 --main_delay SECONDS           process 0 sleeps this long before every wait_for_everyone: its validation, samples
@@ -42,6 +45,8 @@ parser.add_argument("--nan_rank", type=int)
 parser.add_argument("--hang_at_step", type=int)
 parser.add_argument("--hang_rank", type=int, default=1)
 parser.add_argument("--hang_data_at", type=int)
+parser.add_argument("--raise_at_step", type=int)
+parser.add_argument("--block_teardown", action="store_true")
 parser.add_argument("--step_delay", type=float)
 parser.add_argument("--main_delay", type=float)
 opts, rest = parser.parse_known_args()
@@ -107,6 +112,8 @@ def faulty_backward(self, loss, **kwargs):
     if opts.hang_at_step is not None and self.step == opts.hang_at_step and self.process_index == opts.hang_rank:
         say(f"process {self.process_index} hangs at micro-step {self.step}")
         time.sleep(10**6)
+    if opts.raise_at_step is not None and self.step == opts.raise_at_step:
+        raise RuntimeError(f"injected error at micro-step {self.step} on process {self.process_index}")
     if opts.step_delay:
         time.sleep(opts.step_delay)
     return original_backward(self, loss, **kwargs)
@@ -139,6 +146,15 @@ if opts.hang_data_at is not None:
             yield item
 
     data.infinite_batches = hanging_batches
+
+if opts.block_teardown:
+    class TeardownBlocker:
+        def __del__(self):
+            say("teardown blocks")
+            time.sleep(10**6)
+
+    sys.modules["fault_runner_teardown"] = type(sys)("fault_runner_teardown")
+    sys.modules["fault_runner_teardown"].blocker = TeardownBlocker()
 
 sys.argv = [script, *script_args]
 runpy.run_path(script, run_name="__main__")

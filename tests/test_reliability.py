@@ -361,6 +361,19 @@ def test_a_stuck_collective_is_reported_not_waited_on(spec, data, tmp_path):
     assert "process 1 hangs at micro-step 3" in hung.stderr and "no training progress for" in hung.stderr
 
 
+def test_an_error_on_every_process_ends_the_launch_even_if_teardown_would_block(spec, data, tmp_path):
+    """Both processes fail at the same step and their interpreter teardown would wait for ever (a process group's
+    destructor waiting on failing peers): each still exits with the error, and so does the launch."""
+    args = base_args(spec, data, tmp_path, steps=12, accumulation=1)
+    started = time.time()
+    failed = run(spec.script, *args, faults=["--raise_at_step", "2", "--block_teardown"], launcher="accelerate",
+                 processes=2, check=False, timeout=240)
+    assert failed.returncode != 0 and time.time() - started < 200
+    for rank in (0, 1):
+        assert f"RuntimeError: injected error at micro-step 2 on process {rank}" in failed.stderr
+    assert "teardown blocks" not in failed.stderr
+
+
 # 10 -------------------------------------------------------------------------------------------------------------
 
 # (wandb offline, one run continued on resume: test_resume_with_two_processes_is_exact.)
