@@ -35,12 +35,13 @@ audio=(--train_data_dir "$out/data/audio/train" --validation_data_dir "$out/data
 # The audio VAE's batches of 32 would make an epoch of the 64 files two steps long, and every epoch's first batch
 # waits for the loader: it trains on 512.
 audio_512=(--train_data_dir "$out/data/audio/train_512" --validation_data_dir "$out/data/audio/validation")
-run() {
+run() {  # run NAME [VAR=value ...] SCRIPT ARGS...
   name=$1; shift
   [[ -z "${ONLY:-}" || " $ONLY " == *" $name "* ]] || return 0  # ONLY="a b": just those runs
-  python3 "$@" --output_dir "$out/$name" --dry_run --dry_run_steps "$steps" --report_to none \
+  vars=(); while [[ $1 =~ ^[A-Z_]+= ]]; do vars+=("$1"); shift; done
+  env "${vars[@]}" python3 "$@" --output_dir "$out/$name" --dry_run --dry_run_steps "$steps" --report_to none \
     --dataloader_num_workers 4 > "$out/$name.log" 2>&1
-  echo "$name exit $? :: $*" >> "$out/commands.txt"
+  echo "$name exit $? :: ${vars[*]:+${vars[*]} }$*" >> "$out/commands.txt"
 }
 rm -f "$out/commands.txt"
 run image_vae train_image_vae.py --config configs/image_vae.yaml --train_data_dir "$out/data/images" --lpips_backbone random
@@ -55,6 +56,9 @@ run audio_vae_mel_channels_last train_audio_vae.py --config configs/audio_vae_me
 run audio_vae_mel_compiled train_audio_vae.py --config configs/audio_vae_mel.yaml "${audio_512[@]}" --compile
 run audio_vae_mel_compiled_nographs train_audio_vae.py --config configs/audio_vae_mel.yaml "${audio_512[@]}" --compile \
   --compile_mode default
+# Inductor's coordinate-descent tuning of its own kernels (GroupNorm's reductions are a quarter of the kernel time)
+run audio_vae_mel_compiled_cdt TORCHINDUCTOR_COORDINATE_DESCENT_TUNING=1 train_audio_vae.py \
+  --config configs/audio_vae_mel.yaml "${audio_512[@]}" --compile
 run audio_vae_waveform train_audio_vae.py --config configs/audio_vae_waveform.yaml "${audio_512[@]}"
 run rvq_base512 train_rvq.py --config configs/rvq_base512.yaml --data "$out/data/codes"
 run rvq_big1280 train_rvq.py --config configs/rvq_big1280.yaml --data "$out/data/codes"
