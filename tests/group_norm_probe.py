@@ -1,0 +1,86 @@
+"""Runs common.group_norm's Triton kernels through Triton's interpreter on the CPU (TRITON_INTERPRET=1 is set before
+the import) against PyTorch's GroupNorm + SiLU, and prints the largest errors as JSON for test_group_norm.py.
+
+Tiles of 64 elements, so that the small shapes here span several tiles with a partial last one.
+"""
+
+import json
+import os
+import sys
+
+os.environ["TRITON_INTERPRET"] = "1"
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
+import common.group_norm as gn  # noqa: E402
+
+gn.TILE_ELEMENTS = 64
+
+
+def reference(x, w, b, groups, eps):
+    return F.silu(F.group_norm(x, groups, w, b, eps))
+
+
+def errors(shape, groups, dtype, channels_last, offset=0.0):
+    """Largest absolute errors of y, dx, dweight, dbias against float64 PyTorch, each relative to the reference's
+    largest magnitude; and whether y and dx kept x's strides and dtype."""
+    g = torch.Generator().manual_seed(sum(shape) + groups)
+    x64 = torch.randn(*shape, generator=g, dtype=torch.float64) * 2 + offset
+    w64 = torch.randn(shape[1], generator=g, dtype=torch.float64)
+    b64 = torch.randn(shape[1], generator=g, dtype=torch.float64)
+    dy64 = torch.randn(*shape, generator=g, dtype=torch.float64)
+    x, dy = x64.to(dtype), dy64.to(dtype)
+    if channels_last:
+        x, dy = x.contiguous(memory_format=torch.channels_last), dy.contiguous(memory_format=torch.channels_last)
+    x.requires_grad_(True)
+    w, b = w64.float().requires_grad_(True), b64.float().requires_grad_(True)
+    assert gn.fused_available(x)
+    y = gn.group_norm_silu(x, w, b, groups, 1e-6)
+    y.backward(dy)
+    # the reference sees the very values the kernels saw (x rounded to `dtype`), in float64
+    xr, wr, br = (t.detach().double().requires_grad_(True) for t in (x, w, b))
+    yr = reference(xr, wr, br, groups, 1e-6)
+    yr.backward(dy.double())
+    rel = lambda a, r: float((a.detach().double() - r.detach()).abs().max() / r.detach().abs().max())  # noqa: E731
+    return {"y": rel(y, yr), "dx": rel(x.grad, xr.grad), "dweight": rel(w.grad, wr.grad), "dbias": rel(b.grad, br.grad),
+            "strides": y.stride() == x.stride() and x.grad.stride() == x.stride(),
+            "dtype": y.dtype == dtype and x.grad.dtype == dtype}
+
+
+def fused_vae():
+    """A tiny AutoencoderKL fused and unfused (same weights): outputs and gradients, the count of fused pairs."""
+    from diffusers import AutoencoderKL
+
+    torch.manual_seed(0)
+    vae = AutoencoderKL(in_channels=1, out_channels=1, latent_channels=2, block_out_channels=(8, 16),
+                        down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
+                        layers_per_block=1, norm_num_groups=4)
+    x = torch.randn(2, 1, 8, 12)
+    out = vae(x, sample_posterior=False).sample
+    out.square().mean().backward()
+    grads = {k: p.grad.clone() for k, p in vae.named_parameters()}
+    keys = list(vae.state_dict())
+    vae.zero_grad()
+    count = gn.fuse_group_norm_silu(vae)
+    fused = vae(x, sample_posterior=False).sample
+    fused.square().mean().backward()
+    return {"count": count, "same_keys": list(vae.state_dict()) == keys,
+            "kinds": sorted({type(m).__name__ for m in vae.modules() if "Norm" in type(m).__name__}),
+            "out": float((fused - out).abs().max() / out.abs().max()),
+            # the attention's key bias cancels in the softmax: its gradient is rounding (~1e-10), left out
+            "grad": max(float((p.grad - grads[k]).abs().max() / grads[k].abs().max())
+                        for k, p in vae.named_parameters() if grads[k].abs().max() > 1e-7)}
+
+
+if __name__ == "__main__":
+    cases = {
+        "nchw_fp32": errors((2, 12, 5, 7), 3, torch.float32, False),  # 16 padded channels, 9 tiles, last partial
+        "channels_last_fp32": errors((2, 12, 5, 7), 3, torch.float32, True),
+        "offset_mean_fp32": errors((2, 8, 9, 9), 2, torch.float32, False, offset=100.0),  # variance beside mean 100
+        "one_row_fp32": errors((1, 6, 1, 50), 6, torch.float32, False),  # a group per channel, H = 1
+        "nchw_bf16": errors((2, 12, 5, 7), 4, torch.bfloat16, False),
+        "channels_last_bf16": errors((2, 12, 5, 7), 4, torch.bfloat16, True),
+    }
+    print(json.dumps({"cases": cases, "vae": fused_vae()}))
