@@ -39,6 +39,7 @@ from common.checkpoint import (Checkpoint, CheckpointError, commit_checkpoint, l
 from common.data import CorruptSampleTracker, ResumableBatchSampler, collate, infinite_batches, loader_worker_init
 from common.discriminators import build_audio_discriminator, build_image_discriminator
 from common.ema import EMA
+from common.group_norm import fuse_group_norm_silu, kernels_run_on
 from common.losses import GAN_LOSSES, discriminator_loss, feature_matching_loss, generator_loss, kl_loss, kl_per_channel
 from common.media import log_audio, log_images, spectrogram_image
 from common.metrics import LatentStats, pesq_wb, si_sdr
@@ -100,6 +101,10 @@ def build_parser():
                         "(Griffin-Lim without one). Its mel settings must equal this run's.")
     g.add_argument("--channels_last", action=argparse.BooleanOptionalAction, default=False,
                    help="NHWC memory format for the mel mode's 2D convolutions.")
+    g.add_argument("--fused_group_norm", action=argparse.BooleanOptionalAction, default=False,
+                   help="Mel mode: run each resnet block's GroupNorm -> SiLU as one Triton kernel forward and one "
+                        "backward pass (common/group_norm.py) on a CUDA GPU; PyTorch's ops elsewhere. Same "
+                        "weights and exports.")
     g.add_argument("--compile_mode", type=str, default="reduce-overhead",
                    choices=COMPILE_MODES,
                    help="torch.compile mode with --compile. reduce-overhead replays the VAE's and the "
@@ -194,6 +199,8 @@ def check_args(parser, args):
             setattr(args, flag, 1.0 if waveform else 0.0)
         elif getattr(args, flag) > 0 and not waveform:
             parser.error(f"--{flag} needs --mode waveform (in mel mode the VAE never sees a waveform)")
+    if args.fused_group_norm and waveform:
+        parser.error("--fused_group_norm needs --mode mel (the waveform VAE has no group norms)")
     if args.segment_length is None:
         args.segment_length = 32768 if waveform else 65536
     per_frame = preset.time_factor * (1 if waveform else mel.hop_length)
@@ -270,6 +277,10 @@ def compile_options(args):
 def build_models(args, device, memory_format):
     """The VAE and the discriminator (None without a GAN) on `device`, the G:D parameter ratio logged."""
     vae = build_vae(PRESETS[args.model], args.latent_channels, args.sample_rate)
+    if args.fused_group_norm:  # before the optimizer: the same Parameters, other modules
+        fused = fuse_group_norm_silu(vae)
+        logger.info(f"--fused_group_norm: {fused} GroupNorm -> SiLU pairs fused"
+                    + ("" if kernels_run_on(device) else f" (PyTorch's ops on {device.type}: no Triton kernels)"))
     disc = None
     if gan_enabled(args):
         if args.mode == "mel":  # a mel is an image of one channel

@@ -37,6 +37,7 @@ from common.data import (IMAGE_EXTENSIONS, CorruptSampleTracker, FileImages, HFI
                          split_holdout)
 from common.discriminators import IMAGE_DISCRIMINATORS, build_image_discriminator
 from common.ema import EMA
+from common.group_norm import fuse_group_norm_silu, kernels_run_on
 from common.losses import (GAN_LOSSES, LPIPS, adaptive_gan_weight, discriminator_loss, feature_matching_loss,
                            generator_loss, kl_loss, r1_penalty)
 from common.media import image_grid, log_images
@@ -109,6 +110,10 @@ def build_models(args, device, memory_format):
                              f"downsampling factor {factor}")
     else:
         vae = build_vae(VAE_PRESETS[args.model])
+    if args.fused_group_norm:  # before the optimizer: the same Parameters, other modules
+        fused = fuse_group_norm_silu(vae)
+        logger.info(f"--fused_group_norm: {fused} GroupNorm -> SiLU pairs fused"
+                    + ("" if kernels_run_on(device) else f" (PyTorch's ops on {device.type}: no Triton kernels)"))
     disc = None
     if args.adv_weight > 0 or args.fm_weight > 0:
         disc = build_image_discriminator(args.discriminator, 3, args.disc_ndf, args.disc_layers, args.disc_norm)
@@ -162,6 +167,10 @@ def build_parser():
     g.add_argument("--channels_last", action=argparse.BooleanOptionalAction, default=False,
                    help="NHWC memory format for the conv nets. Off by default: with AutoencoderKL's many GroupNorms "
                         "it measured 1.18x slower in eager mode on an H100, and no faster compiled (README).")
+    g.add_argument("--fused_group_norm", action=argparse.BooleanOptionalAction, default=False,
+                   help="Run each resnet block's GroupNorm -> SiLU as one Triton kernel forward and one backward "
+                        "pass (common/group_norm.py) on a CUDA GPU; PyTorch's ops elsewhere. Same weights and "
+                        "exports.")
 
     g = parser.add_argument_group("losses (weights of one mapping, summed)")
     g.add_argument("--rec_loss_weight", type=non_negative_float, default=1.0, help="Pixel L1.")

@@ -11,7 +11,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from common.group_norm import GroupNormSiLU, fuse_group_norm_silu, group_norm_silu
-from helpers import ROOT, env
+from common.training import read_metrics
+from helpers import ROOT, env, run
+from scripts import AUDIO_VAE_TINY_MEL, vocoder_data
 
 triton = pytest.importorskip("triton", reason="the fused kernels need Triton (a CPU-only torch build has none)")
 
@@ -95,3 +97,24 @@ def test_gpu_kernels_match_pytorch_under_autocast(compiled):
     out = step(run_fused, lambda y: y)
     for name, a, r in zip(("y", "dx", "dweight", "dbias"), out, ref):
         assert float((a - r).abs().max() / r.abs().max()) < 2e-2, name
+
+
+@pytest.fixture(scope="module")
+def audio(tmp_path_factory):
+    return vocoder_data(tmp_path_factory.mktemp("audio"))
+
+
+def test_fused_group_norm_flag_trains_like_pytorchs_ops(audio, tmp_path):
+    """Six steps of the mel VAE with --fused_group_norm, the kernels run by the interpreter: the losses of a run
+    with PyTorch's ops."""
+    common = [*audio, "--model", "mel-tiny", *AUDIO_VAE_TINY_MEL, "--train_batch_size", "4", "--report_to", "none",
+              "--dataloader_num_workers", "0", "--num_validation_files", "1", "--logging_steps", "1", "--disc_ndf",
+              "8", "--disc_layers", "2", "--latent_stats_num_segments", "4", "--mel_norm_num_segments", "8", "--max_train_steps", "6",
+              "--learning_rate", "3e-3", "--validation_steps", "100", "--checkpointing_steps", "100"]
+    run("train_audio_vae.py", *common, "--output_dir", tmp_path / "ref")
+    proc = run("train_audio_vae.py", *common, "--output_dir", tmp_path / "fused", "--fused_group_norm",
+               TRITON_INTERPRET="1")
+    assert "--fused_group_norm: 28 GroupNorm -> SiLU pairs fused" in proc.stdout + proc.stderr
+    ref = [m["loss/rec"] for m in read_metrics(tmp_path / "ref" / "metrics.jsonl") if "loss/rec" in m]
+    fused = [m["loss/rec"] for m in read_metrics(tmp_path / "fused" / "metrics.jsonl") if "loss/rec" in m]
+    assert len(ref) == 6 and fused == pytest.approx(ref, rel=1e-4)
