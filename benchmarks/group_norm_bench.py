@@ -1,5 +1,6 @@
 """GroupNorm + SiLU, forward and backward, at the shapes of the mel audio VAE (mel-f4-5m, batch 32, 80 x 256 mels):
-eager and compiled, NCHW and channels-last, under bf16 autocast as the training step runs it.
+PyTorch's ops eager and compiled, NCHW and channels-last, and `common.group_norm`'s Triton kernels
+(`--fused_group_norm`), under bf16 autocast as the training step runs them.
 
     python benchmarks/group_norm_bench.py [--batch 32] [--iters 50] [--device cpu]   # cpu: a quick check of the script
 
@@ -10,24 +11,37 @@ GPU's memory bandwidth leaves time to win.
 """
 
 import argparse
+import os
+import sys
 import time
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from common.group_norm import GroupNormSiLU, kernels_run_on  # noqa: E402
+
 # (channels, height, width, how many the VAE's encoder + decoder have), from the mel-f4-5m preset, 16 groups
 SHAPES = [(48, 80, 256, 10), (96, 40, 128, 8), (192, 20, 64, 18), (48, 40, 128, 1), (96, 80, 256, 1),
           (192, 40, 128, 1)]
 
 
+# (label, compiled, channels-last, fused)
+VARIANTS = [("eager NCHW", False, False, False), ("eager channels-last", False, True, False),
+            ("compiled NCHW", True, False, False), ("compiled channels-last", True, True, False),
+            ("fused NCHW", False, False, True), ("fused channels-last", False, True, True),
+            ("fused compiled c-last", True, True, True)]
+
+
 class NormAct(nn.Module):
-    def __init__(self, channels, groups=16):
+    def __init__(self, channels, groups=16, fused=False):
         super().__init__()
-        self.norm = nn.GroupNorm(groups, channels, eps=1e-6)
+        self.fused = fused
+        self.norm = (GroupNormSiLU if fused else nn.GroupNorm)(groups, channels, eps=1e-6)
 
     def forward(self, x):
-        return F.silu(self.norm(x))
+        return self.norm(x) if self.fused else F.silu(self.norm(x))
 
 
 def time_variant(module, x, iters, device):
@@ -58,14 +72,14 @@ def main():
         raise SystemExit("--device cuda: no CUDA GPU here (--device cpu checks the script)")
     name = torch.cuda.get_device_name() if args.device == "cuda" else "cpu"
     print(f"{name}, torch {torch.__version__}, batch {args.batch}")
-    print(f"{'shape':>18s} {'x VAE':>6s} " + " ".join(f"{v:>22s}" for v in
-          ("eager NCHW", "eager channels-last", "compiled NCHW", "compiled channels-last")))
-    totals = [0.0] * 4
+    variants = [v for v in VARIANTS if not v[3] or kernels_run_on(args.device)]
+    print(f"{'shape':>18s} {'x VAE':>6s} " + " ".join(f"{v[0]:>22s}" for v in variants))
+    totals = [0.0] * len(variants)
     for c, h, w, count in SHAPES:
         cells = []
-        for n, (compiled, channels_last) in enumerate(((False, False), (False, True), (True, False), (True, True))):
+        for n, (_, compiled, channels_last, fused) in enumerate(variants):
             torch._dynamo.reset()
-            module = NormAct(c).to(args.device)
+            module = NormAct(c, fused=fused).to(args.device)
             x = torch.randn(args.batch, c, h, w, device=args.device, dtype=torch.bfloat16)
             if channels_last:
                 x = x.contiguous(memory_format=torch.channels_last)

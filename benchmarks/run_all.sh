@@ -47,6 +47,8 @@ rm -f "$out/commands.txt"
 run image_vae train_image_vae.py --config configs/image_vae.yaml --train_data_dir "$out/data/images" --lpips_backbone random
 run image_vae_compiled train_image_vae.py --config configs/image_vae.yaml --train_data_dir "$out/data/images" \
   --lpips_backbone random --compile
+run image_vae_compiled_fused train_image_vae.py --config configs/image_vae.yaml --train_data_dir "$out/data/images" \
+  --lpips_backbone random --compile --fused_group_norm
 run vocoder_hifigan train_vocoder.py --config configs/vocoder_hifigan.yaml "${audio[@]}"
 run vocoder_v1_peer_shape train_vocoder.py --config configs/vocoder_hifigan.yaml "${audio[@]}" --model hifigan-v1
 run vocoder_dac train_vocoder.py --config configs/vocoder_dac.yaml "${audio[@]}"
@@ -59,6 +61,10 @@ run audio_vae_mel_compiled_nographs train_audio_vae.py --config configs/audio_va
 # Inductor's coordinate-descent tuning of its own kernels (GroupNorm's reductions are a quarter of the kernel time)
 run audio_vae_mel_compiled_cdt TORCHINDUCTOR_COORDINATE_DESCENT_TUNING=1 train_audio_vae.py \
   --config configs/audio_vae_mel.yaml "${audio_512[@]}" --compile
+# GroupNorm -> SiLU as common/group_norm.py's Triton kernels, eager and compiled
+run audio_vae_mel_fused train_audio_vae.py --config configs/audio_vae_mel.yaml "${audio_512[@]}" --fused_group_norm
+run audio_vae_mel_compiled_fused train_audio_vae.py --config configs/audio_vae_mel.yaml "${audio_512[@]}" --compile \
+  --fused_group_norm
 run audio_vae_waveform train_audio_vae.py --config configs/audio_vae_waveform.yaml "${audio_512[@]}"
 run rvq_base512 train_rvq.py --config configs/rvq_base512.yaml --data "$out/data/codes"
 run rvq_big1280 train_rvq.py --config configs/rvq_big1280.yaml --data "$out/data/codes"
