@@ -63,6 +63,7 @@ def test_help_documents_every_flag():
                                      "run): sample_rate: 22050 vs 8000; n_fft: 1024 vs 512; hop_length: 256 vs 128"),
     (["--vocoder", "/nonexistent"], "--vocoder /nonexistent: no such folder"),
     (["--vocoder", "{vocoder}", "--mode", "waveform", "--model", "wave-tiny"], "--vocoder is for --mode mel"),
+    (["--mode", "waveform", "--model", "wave-tiny", "--fused_group_norm"], "--fused_group_norm needs --mode mel"),
     (["--win_length", "1024"], "mel settings: win_length 1024 must be <= n_fft 512"),
     (["--kl_weight", "-1"], "--kl_weight: must be >= 0"),
     ([], "--train_data_dir is required"),

@@ -124,9 +124,13 @@ def test_export_from_a_checkpoint(trained, tmp_path):
 
 
 def test_finetunes_a_pretrained_diffusers_vae_and_a_hf_dataset(tmp_path, demo_images):
+    """... with --fused_group_norm (PyTorch's ops on the CPU): the export is a plain AutoencoderKL of the same keys."""
     pretrained = tmp_path / "pretrained"
     script.build_vae(script.VAE_PRESETS["kl-f8-tiny"]).save_pretrained(pretrained)
-    run("train_image_vae.py", "--dataset_name", demo_images, "--output_dir", tmp_path / "out", *TINY,
-        "--pretrained_vae_model_name_or_path", pretrained, "--max_train_steps", "3", "--adv_weight", "0",
-        HF_DATASETS_OFFLINE="1")
+    proc = run("train_image_vae.py", "--dataset_name", demo_images, "--output_dir", tmp_path / "out", *TINY,
+               "--pretrained_vae_model_name_or_path", pretrained, "--max_train_steps", "3", "--adv_weight", "0",
+               "--fused_group_norm", HF_DATASETS_OFFLINE="1")
+    assert "--fused_group_norm: 34 GroupNorm -> SiLU pairs fused (PyTorch's ops on cpu" in proc.stderr
     assert AutoencoderKL.from_pretrained(tmp_path / "out").config.block_out_channels == [16, 32, 32, 32]
+    a, b = (load_file(p / "diffusion_pytorch_model.safetensors") for p in (pretrained, tmp_path / "out"))
+    assert a.keys() == b.keys()
