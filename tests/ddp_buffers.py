@@ -39,3 +39,4 @@ batch_norm = next(m for m in disc.module.modules() if isinstance(m, torch.nn.Bat
     {"backward": backward, "broadcast_buffers": disc.broadcast_buffers,
      "running_mean": batch_norm.running_mean.tolist()}))
 accelerator.wait_for_everyone()
+accelerator.end_training()  # the process group goes before the interpreter: its teardown at exit could abort

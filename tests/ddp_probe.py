@@ -25,3 +25,5 @@ for spec in SCRIPTS:
         weights, _, _, metrics = spec.accumulation_probe(list(share.chunk(accumulation)), accumulation, 1e-3)
         torch.save({"weights": weights, "grad_norm": torch.as_tensor(metrics[-1][spec.grad_norm_key])},
                    out / f"{spec.name}-acc{accumulation}-rank{rank}.pt")
+if torch.distributed.is_initialized():
+    torch.distributed.destroy_process_group()  # before the interpreter's teardown, which could abort with it
