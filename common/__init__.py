@@ -11,6 +11,7 @@ denoisers      DiT (adaLN-Zero, masked text cross-attention) and UNet denoisers 
 diffusion      noise schedules, objectives and targets, Min-SNR, offset noise, input perturbation, CFG, samplers
 discriminators PatchGAN and multi-scale PatchGAN; waveform MPD, MSD, MRD and multi-band STFT (hifigan, bigvgan, dac)
 ema            EMA with warm-up
+group_norm     GroupNorm + SiLU as fused Triton kernels for the VAEs (--fused_group_norm)
 image_metrics  FID, Inception Score, CLIP score, cached reference statistics
 losses         GAN losses, feature matching, KL with free bits, R1, LPIPS
 media          image grids, audio clips and tracker logging
