@@ -40,8 +40,9 @@ def kernels_run_on(device):
 
 
 def fused_available(x):
-    """True when `x` takes the Triton kernels: a 4D tensor on a device where they run."""
-    return x.dim() == 4 and kernels_run_on(x.device)
+    """True when `x` takes the Triton kernels: a 4D tensor on a device where they run, with offsets that fit in the
+    kernels' 32-bit arithmetic."""
+    return x.dim() == 4 and x.numel() < 2**31 and kernels_run_on(x.device)
 
 
 if triton is not None:
