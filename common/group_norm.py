@@ -93,17 +93,26 @@ if triton is not None:
         tl.store(y_ptr + offs, y.to(y_ptr.dtype.element_ty), mask=mask)
 
     @triton.jit
-    def _grad_z(x_ptr, dy_ptr, mean_ptr, rstd_ptr, w_ptr, b_ptr, n, blk, HW, C, CG, G, s_n, s_c, s_hw,
-                d_n, d_c, d_hw, BLOCK_HW: tl.constexpr, BLOCK_C: tl.constexpr):
-        """The gradient at z = xhat * weight + bias (through the SiLU), recomputed from x and dy."""
+    def _load_tile(x_ptr, dy_ptr, n, blk, HW, C, s_n, s_c, s_hw, d_n, d_c, d_hw,
+                   BLOCK_HW: tl.constexpr, BLOCK_C: tl.constexpr):
+        """x and dy of one tile in float32 (their strides may differ), and x's offsets, mask and channels."""
         offs, mask, c = _tile(n, blk * BLOCK_HW, HW, C, s_n, s_c, s_hw, BLOCK_HW, BLOCK_C)
         doffs, _, _ = _tile(n, blk * BLOCK_HW, HW, C, d_n, d_c, d_hw, BLOCK_HW, BLOCK_C)
         x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
         dy = tl.load(dy_ptr + doffs, mask=mask, other=0.0).to(tl.float32)
+        return x, dy, offs, mask, c
+
+    @triton.jit
+    def _grad_z(x, dy, mask, mean_ptr, rstd_ptr, w_ptr, b_ptr, n, c, C, CG, G):
+        """The gradient at z = xhat * weight + bias (through the SiLU), recomputed from x and dy."""
         xhat, z, w, rstd = _normalise(x, mean_ptr, rstd_ptr, w_ptr, b_ptr, n, c, C, CG, G)
         s = tl.sigmoid(z)
         g = tl.where(mask, dy * s * (1.0 + z * (1.0 - s)), 0.0)
-        return g, xhat, w, rstd, offs, mask, c
+        return g, xhat, w, rstd
+
+    # The offsets every store goes to are computed from scalars only, never from a helper that was handed a
+    # pointer: torch.compile reads the kernels' stores to learn what they write, and would otherwise take every
+    # pointer passed to such a helper (the input, the weight) for one that is written.
 
     @triton.jit
     def _backward_sums_kernel(x_ptr, dy_ptr, mean_ptr, rstd_ptr, w_ptr, b_ptr, a_ptr, bsum_ptr,
@@ -111,8 +120,10 @@ if triton is not None:
                               BLOCK_HW: tl.constexpr, BLOCK_C: tl.constexpr):
         """Per tile and channel: sum(g * xhat) and sum(g), g the gradient at z."""
         n, blk = tl.program_id(0), tl.program_id(1)
-        g, xhat, _, _, _, _, c = _grad_z(x_ptr, dy_ptr, mean_ptr, rstd_ptr, w_ptr, b_ptr, n, blk, HW, C, CG, G,
-                                         s_n, s_c, s_hw, d_n, d_c, d_hw, BLOCK_HW, BLOCK_C)
+        c = tl.arange(0, BLOCK_C)
+        x, dy, _, mask, _ = _load_tile(x_ptr, dy_ptr, n, blk, HW, C, s_n, s_c, s_hw, d_n, d_c, d_hw, BLOCK_HW,
+                                       BLOCK_C)
+        g, xhat, _, _ = _grad_z(x, dy, mask, mean_ptr, rstd_ptr, w_ptr, b_ptr, n, c, C, CG, G)
         out = (n * tl.num_programs(1) + blk) * C + c
         tl.store(a_ptr + out, tl.sum(g * xhat, axis=0), mask=c < C)
         tl.store(bsum_ptr + out, tl.sum(g, axis=0), mask=c < C)
@@ -123,8 +134,10 @@ if triton is not None:
                             BLOCK_HW: tl.constexpr, BLOCK_C: tl.constexpr):
         """dx = rstd * (g * weight - xhat * c1 - c2), c1 and c2 the group means of g * weight * xhat and g * weight."""
         n, blk = tl.program_id(0), tl.program_id(1)
-        g, xhat, w, rstd, offs, mask, c = _grad_z(x_ptr, dy_ptr, mean_ptr, rstd_ptr, w_ptr, b_ptr, n, blk, HW, C,
-                                                  CG, G, s_n, s_c, s_hw, d_n, d_c, d_hw, BLOCK_HW, BLOCK_C)
+        offs, mask, c = _tile(n, blk * BLOCK_HW, HW, C, s_n, s_c, s_hw, BLOCK_HW, BLOCK_C)
+        x, dy, _, _, _ = _load_tile(x_ptr, dy_ptr, n, blk, HW, C, s_n, s_c, s_hw, d_n, d_c, d_hw, BLOCK_HW,
+                                    BLOCK_C)
+        g, xhat, w, rstd = _grad_z(x, dy, mask, mean_ptr, rstd_ptr, w_ptr, b_ptr, n, c, C, CG, G)
         group = n * G + c // CG
         c1 = tl.load(c1_ptr + group, mask=c < C, other=0.0)
         c2 = tl.load(c2_ptr + group, mask=c < C, other=0.0)
