@@ -102,9 +102,9 @@ def build_parser():
     g.add_argument("--channels_last", action=argparse.BooleanOptionalAction, default=False,
                    help="NHWC memory format for the mel mode's 2D convolutions.")
     g.add_argument("--fused_group_norm", action=argparse.BooleanOptionalAction, default=False,
-                   help="Mel mode: run each resnet block's GroupNorm -> SiLU as one Triton kernel forward and one "
-                        "backward pass (common/group_norm.py) on a CUDA GPU; PyTorch's ops elsewhere. Same "
-                        "weights and exports.")
+                   help="Mel mode: run each resnet block's GroupNorm -> SiLU as fused Triton kernels (two passes "
+                        "over the input forward, two backward; common/group_norm.py) on a CUDA GPU; PyTorch's ops "
+                        "elsewhere. Same weights and exports.")
     g.add_argument("--compile_mode", type=str, default="reduce-overhead",
                    choices=COMPILE_MODES,
                    help="torch.compile mode with --compile. reduce-overhead replays the VAE's and the "

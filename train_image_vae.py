@@ -168,9 +168,9 @@ def build_parser():
                    help="NHWC memory format for the conv nets. Off by default: with AutoencoderKL's many GroupNorms "
                         "it measured 1.18x slower in eager mode on an H100, and no faster compiled (README).")
     g.add_argument("--fused_group_norm", action=argparse.BooleanOptionalAction, default=False,
-                   help="Run each resnet block's GroupNorm -> SiLU as one Triton kernel forward and one backward "
-                        "pass (common/group_norm.py) on a CUDA GPU; PyTorch's ops elsewhere. Same weights and "
-                        "exports.")
+                   help="Run each resnet block's GroupNorm -> SiLU as fused Triton kernels (two passes over the "
+                        "input forward, two backward; common/group_norm.py) on a CUDA GPU; PyTorch's ops elsewhere. "
+                        "Same weights and exports.")
 
     g = parser.add_argument_group("losses (weights of one mapping, summed)")
     g.add_argument("--rec_loss_weight", type=non_negative_float, default=1.0, help="Pixel L1.")
