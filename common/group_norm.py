@@ -95,12 +95,12 @@ if triton is not None:
     @triton.jit
     def _load_tile(x_ptr, dy_ptr, n, blk, HW, C, s_n, s_c, s_hw, d_n, d_c, d_hw,
                    BLOCK_HW: tl.constexpr, BLOCK_C: tl.constexpr):
-        """x and dy of one tile in float32 (their strides may differ), and x's offsets, mask and channels."""
-        offs, mask, c = _tile(n, blk * BLOCK_HW, HW, C, s_n, s_c, s_hw, BLOCK_HW, BLOCK_C)
+        """x and dy of one tile in float32 (their strides may differ), and the tile's mask."""
+        offs, mask, _ = _tile(n, blk * BLOCK_HW, HW, C, s_n, s_c, s_hw, BLOCK_HW, BLOCK_C)
         doffs, _, _ = _tile(n, blk * BLOCK_HW, HW, C, d_n, d_c, d_hw, BLOCK_HW, BLOCK_C)
         x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
         dy = tl.load(dy_ptr + doffs, mask=mask, other=0.0).to(tl.float32)
-        return x, dy, offs, mask, c
+        return x, dy, mask
 
     @triton.jit
     def _grad_z(x, dy, mask, mean_ptr, rstd_ptr, w_ptr, b_ptr, n, c, C, CG, G):
@@ -121,8 +121,7 @@ if triton is not None:
         """Per tile and channel: sum(g * xhat) and sum(g), g the gradient at z."""
         n, blk = tl.program_id(0), tl.program_id(1)
         c = tl.arange(0, BLOCK_C)
-        x, dy, _, mask, _ = _load_tile(x_ptr, dy_ptr, n, blk, HW, C, s_n, s_c, s_hw, d_n, d_c, d_hw, BLOCK_HW,
-                                       BLOCK_C)
+        x, dy, mask = _load_tile(x_ptr, dy_ptr, n, blk, HW, C, s_n, s_c, s_hw, d_n, d_c, d_hw, BLOCK_HW, BLOCK_C)
         g, xhat, _, _ = _grad_z(x, dy, mask, mean_ptr, rstd_ptr, w_ptr, b_ptr, n, c, C, CG, G)
         out = (n * tl.num_programs(1) + blk) * C + c
         tl.store(a_ptr + out, tl.sum(g * xhat, axis=0), mask=c < C)
@@ -135,8 +134,7 @@ if triton is not None:
         """dx = rstd * (g * weight - xhat * c1 - c2), c1 and c2 the group means of g * weight * xhat and g * weight."""
         n, blk = tl.program_id(0), tl.program_id(1)
         offs, mask, c = _tile(n, blk * BLOCK_HW, HW, C, s_n, s_c, s_hw, BLOCK_HW, BLOCK_C)
-        x, dy, _, _, _ = _load_tile(x_ptr, dy_ptr, n, blk, HW, C, s_n, s_c, s_hw, d_n, d_c, d_hw, BLOCK_HW,
-                                    BLOCK_C)
+        x, dy, _ = _load_tile(x_ptr, dy_ptr, n, blk, HW, C, s_n, s_c, s_hw, d_n, d_c, d_hw, BLOCK_HW, BLOCK_C)
         g, xhat, w, rstd = _grad_z(x, dy, mask, mean_ptr, rstd_ptr, w_ptr, b_ptr, n, c, C, CG, G)
         group = n * G + c // CG
         c1 = tl.load(c1_ptr + group, mask=c < C, other=0.0)
@@ -153,16 +151,18 @@ if triton is not None:
         block_hw = max(1, min(TILE_ELEMENTS // block_c, triton.next_power_of_2(hw)))
         return block_hw, block_c, triton.cdiv(hw, block_hw)
 
+    def _flattens(t):
+        """Whether the two spatial dims of a 4D tensor flatten into one pixel dim (NCHW or channels-last do)."""
+        return t.shape[2] == 1 or t.stride(2) == t.stride(3) * t.shape[3]
+
     def _strides(t):
-        """(sample, channel, pixel) strides of a 4D tensor whose two spatial dims flatten into one."""
-        n, c, h, w = t.shape
-        assert h == 1 or t.stride(2) == t.stride(3) * w, "the spatial dims must flatten (NCHW or channels-last)"
+        """(sample, channel, pixel) strides of a 4D tensor whose spatial dims flatten."""
+        assert _flattens(t), "the spatial dims must flatten (NCHW or channels-last)"
         return t.stride(0), t.stride(1), t.stride(3)
 
     def _dense(t):
-        """t itself when its spatial dims flatten into one, else an NCHW copy."""
-        n, c, h, w = t.shape
-        return t if (h == 1 or t.stride(2) == t.stride(3) * w) else t.contiguous()
+        """t itself when its spatial dims flatten, else an NCHW copy."""
+        return t if _flattens(t) else t.contiguous()
 
     @triton_op("common::group_norm_silu_forward", mutates_args={})
     def _forward(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, groups: int,
