@@ -4,7 +4,8 @@ PyTorch's ops eager and compiled, NCHW and channels-last, and `common.group_norm
 
     python benchmarks/group_norm_bench.py [--batch 32] [--iters 50] [--device cpu]   # cpu: a quick check of the script
 
-For each shape it prints milliseconds per forward + backward and the bandwidth that time implies for the least
+For each shape it prints milliseconds per forward + backward (wall time, then on a GPU the kernels' own time
+from torch.profiler, which leaves out the host's launch overhead) and the bandwidth that time implies for the least
 traffic such a step can have (the input read twice and the output written in the forward; input, output gradient
 and input gradient in the backward: five passes over a tensor of the input's size in bf16). A kernel far below the
 GPU's memory bandwidth leaves time to win.
@@ -59,7 +60,19 @@ def time_variant(module, x, iters, device):
     for _ in range(iters):
         step()
     sync()
-    return (time.perf_counter() - start) / iters
+    seconds = (time.perf_counter() - start) / iters
+    if device != "cuda":
+        return seconds, None, {}
+    # The GPU's own time: kernels only, without the host's launch overhead that the wall time above includes
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(iters):
+            step()
+        sync()
+    kernels = {e.key: e.self_device_time_total / iters / 1e3 for e in prof.key_averages()
+               if e.device_type == torch.autograd.DeviceType.CUDA and e.self_device_time_total > 0}
+    return seconds, sum(kernels.values()) / 1e3, kernels
 
 
 def main():
@@ -67,6 +80,7 @@ def main():
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--iters", type=int, default=50)
     parser.add_argument("--device", type=str, default="cuda", choices=("cuda", "cpu"))
+    parser.add_argument("--kernels", action="store_true", help="list each variant's kernels and their GPU time")
     args = parser.parse_args()
     if args.device == "cuda" and not torch.cuda.is_available():
         raise SystemExit("--device cuda: no CUDA GPU here (--device cpu checks the script)")
@@ -74,10 +88,11 @@ def main():
     print(f"{name}, torch {torch.__version__}, batch {args.batch}")
     variants = [v for v in VARIANTS if not v[3] or kernels_run_on(args.device)]
     print(f"{'shape':>18s} {'x VAE':>6s} " + " ".join(f"{v[0]:>22s}" for v in variants))
-    totals = [0.0] * len(variants)
+    totals, kernel_totals = [0.0] * len(variants), [0.0] * len(variants)
+    breakdowns = []
     for c, h, w, count in SHAPES:
         cells = []
-        for n, (_, compiled, channels_last, fused) in enumerate(variants):
+        for n, (label, compiled, channels_last, fused) in enumerate(variants):
             torch._dynamo.reset()
             module = NormAct(c, fused=fused).to(args.device)
             x = torch.randn(args.batch, c, h, w, device=args.device, dtype=torch.bfloat16)
@@ -85,13 +100,24 @@ def main():
                 x = x.contiguous(memory_format=torch.channels_last)
             x.requires_grad_(True)
             run = torch.compile(module) if compiled else module
-            seconds = time_variant(run, x, args.iters, args.device)
+            seconds, kernel_seconds, kernels = time_variant(run, x, args.iters, args.device)
             totals[n] += seconds * count
             gbps = 5 * x.numel() * x.element_size() / seconds / 1e9
-            cells.append(f"{seconds * 1e3:8.3f} ms {gbps:6.0f} GB/s")
-        print(f"{f'{c}x{h}x{w}':>18s} {count:6d} " + " ".join(f"{cell:>22s}" for cell in cells))
-    print(f"{'all the VAE has':>25s} " + " ".join(f"{t * 1e3:19.2f} ms" for t in totals))
-
+            cell = f"{seconds * 1e3:7.3f} ms {gbps:5.0f} GB/s"
+            if kernel_seconds is not None:
+                kernel_totals[n] += kernel_seconds * count
+                cell += f" | GPU {kernel_seconds * 1e3:6.3f} ms"
+                if args.kernels:
+                    breakdowns.append((f"{c}x{h}x{w} {label}", kernels))
+            cells.append(cell)
+        print(f"{f'{c}x{h}x{w}':>18s} {count:6d} " + " ".join(f"{cell:>36s}" for cell in cells))
+    print(f"{'all the VAE has (wall)':>25s} " + " ".join(f"{t * 1e3:33.2f} ms" for t in totals))
+    if args.device == "cuda":
+        print(f"{'all the VAE has (GPU)':>25s} " + " ".join(f"{t * 1e3:33.2f} ms" for t in kernel_totals))
+    for name, kernels in breakdowns:
+        print(f"kernels of {name} (ms per forward + backward):")
+        for kernel, ms in sorted(kernels.items(), key=lambda kv: -kv[1])[:12]:
+            print(f"  {ms:7.3f}  {kernel[:100]}")
 
 if __name__ == "__main__":
     main()

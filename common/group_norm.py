@@ -1,8 +1,8 @@
-"""GroupNorm followed by SiLU in two Triton kernels forward and two backward, for the VAEs' resnet blocks.
+"""GroupNorm followed by SiLU in Triton kernels, for the VAEs' resnet blocks.
 
 Every resnet block of a diffusers `AutoencoderKL` runs `GroupNorm -> SiLU` twice. PyTorch and Inductor compute a
 group norm as several reductions and elementwise passes, and under bf16 autocast in float32. Here one pass reads the
-input for per-channel statistics of each tile, a few small ops merge them into each group's mean and variance
+input for per-channel statistics of each tile, a small kernel merges them into each group's mean and variance
 (Chan's parallel formula, so a large mean does not cancel the variance away), and a second pass normalises, applies
 the affine and the SiLU and writes the output in the input's dtype. The backward recomputes the normalised input
 instead of saving it. That is two reads and a write forward and four reads and a write backward, in any layout
@@ -10,6 +10,10 @@ instead of saving it. That is two reads and a write forward and four reads and a
 
     vae = AutoencoderKL(...)
     fuse_group_norm_silu(vae)   # in place, before the optimizer is built; same parameters, same state dict
+
+The forward and the backward are custom operators that torch.compile calls as they are, in whatever layout its
+graph holds the tensor (they are tagged `flexible_layout`): a compiled step that keeps its convolutions
+channels-last passes channels-last tensors, with no copies to NCHW around each norm.
 
 On tensors that are not on a CUDA GPU, `GroupNormSiLU` runs `F.silu(F.group_norm(...))`, so a model fused here
 still runs (and exports) anywhere. With TRITON_INTERPRET=1 set before the import, the kernels run on CPU tensors
@@ -25,12 +29,12 @@ import torch.nn.functional as F
 try:
     import triton
     import triton.language as tl
-    from torch.library import triton_op, wrap_triton
 except ImportError:  # no Triton (a CPU-only torch build): the module falls back to PyTorch's ops
     triton = None
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 TILE_ELEMENTS = 4096  # elements a program handles: all channels of BLOCK_HW pixels
+MERGE_ROWS = 64  # tiles a merging program reads at a time
 
 
 def kernels_run_on(device):
@@ -82,6 +86,41 @@ if triton is not None:
         tl.store(m2_ptr + out, tl.sum(dev * dev, axis=0), mask=c < C)
 
     @triton.jit
+    def _group_tiles(part_ptr, n, g, blk0, NBLK, C, CG, BLOCK_P: tl.constexpr, BLOCK_CG: tl.constexpr):
+        """Rows blk0.. blk0+BLOCK_P of the per-tile, per-channel values of group g of sample n, as (values, mask,
+        tile index): a block of the (tile, channel) table that the first pass of each direction writes."""
+        blk = blk0 + tl.arange(0, BLOCK_P)
+        j = tl.arange(0, BLOCK_CG)
+        mask = (blk[:, None] < NBLK) & (j[None, :] < CG)
+        offs = (n * NBLK + blk[:, None]) * C + g * CG + j[None, :]
+        return tl.load(part_ptr + offs, mask=mask, other=0.0), mask, blk
+
+    @triton.jit
+    def _merge_stats_kernel(tile_mean_ptr, tile_m2_ptr, mean_ptr, rstd_ptr, NBLK, HW, C, CG, G, eps,
+                            BLOCK_HW: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_CG: tl.constexpr):
+        """One program per (sample, group): Chan's merge of the tiles' per-channel means and M2 into the group's
+        mean and 1 / std, each tile weighted by its count of valid pixels."""
+        pid = tl.program_id(0)
+        n, g = pid // G, pid % G
+        total = HW * CG
+        acc = tl.zeros((BLOCK_P, BLOCK_CG), tl.float32)
+        for blk0 in range(0, NBLK, BLOCK_P):
+            tile_mean, _, blk = _group_tiles(tile_mean_ptr, n, g, blk0, NBLK, C, CG, BLOCK_P, BLOCK_CG)
+            count = tl.minimum(HW - blk * BLOCK_HW, BLOCK_HW).to(tl.float32)
+            acc += tile_mean * count[:, None]
+        mean = tl.sum(tl.sum(acc, axis=1), axis=0) / total
+        acc = tl.zeros((BLOCK_P, BLOCK_CG), tl.float32)
+        for blk0 in range(0, NBLK, BLOCK_P):
+            tile_mean, mask, blk = _group_tiles(tile_mean_ptr, n, g, blk0, NBLK, C, CG, BLOCK_P, BLOCK_CG)
+            tile_m2, _, _ = _group_tiles(tile_m2_ptr, n, g, blk0, NBLK, C, CG, BLOCK_P, BLOCK_CG)
+            count = tl.minimum(HW - blk * BLOCK_HW, BLOCK_HW).to(tl.float32)
+            dev = tl.where(mask, tile_mean - mean, 0.0)
+            acc += tile_m2 + count[:, None] * dev * dev
+        m2 = tl.sum(tl.sum(acc, axis=1), axis=0)
+        tl.store(mean_ptr + pid, mean)
+        tl.store(rstd_ptr + pid, tl.math.rsqrt(m2 / total + eps))
+
+    @triton.jit
     def _forward_kernel(x_ptr, y_ptr, mean_ptr, rstd_ptr, w_ptr, b_ptr, HW, C, CG, G, s_n, s_c, s_hw,
                         BLOCK_HW: tl.constexpr, BLOCK_C: tl.constexpr):
         """y = silu(xhat * weight + bias), written with x's strides and in y's dtype."""
@@ -110,10 +149,6 @@ if triton is not None:
         g = tl.where(mask, dy * s * (1.0 + z * (1.0 - s)), 0.0)
         return g, xhat, w, rstd
 
-    # The offsets every store goes to are computed from scalars only, never from a helper that was handed a
-    # pointer: torch.compile reads the kernels' stores to learn what they write, and would otherwise take every
-    # pointer passed to such a helper (the input, the weight) for one that is written.
-
     @triton.jit
     def _backward_sums_kernel(x_ptr, dy_ptr, mean_ptr, rstd_ptr, w_ptr, b_ptr, a_ptr, bsum_ptr,
                               HW, C, CG, G, s_n, s_c, s_hw, d_n, d_c, d_hw,
@@ -126,6 +161,29 @@ if triton is not None:
         out = (n * tl.num_programs(1) + blk) * C + c
         tl.store(a_ptr + out, tl.sum(g * xhat, axis=0), mask=c < C)
         tl.store(bsum_ptr + out, tl.sum(g, axis=0), mask=c < C)
+
+    @triton.jit
+    def _merge_grads_kernel(tile_a_ptr, tile_b_ptr, w_ptr, sum_a_ptr, sum_b_ptr, c1_ptr, c2_ptr, NBLK, HW, C, CG, G,
+                            BLOCK_P: tl.constexpr, BLOCK_CG: tl.constexpr):
+        """One program per (sample, group): the tiles' sums into per-channel sum(g * xhat) and sum(g) of the sample,
+        and c1, c2: the group means of g * weight * xhat and of g * weight."""
+        pid = tl.program_id(0)
+        n, g = pid // G, pid % G
+        acc_a = tl.zeros((BLOCK_P, BLOCK_CG), tl.float32)
+        acc_b = tl.zeros((BLOCK_P, BLOCK_CG), tl.float32)
+        for blk0 in range(0, NBLK, BLOCK_P):
+            a, _, _ = _group_tiles(tile_a_ptr, n, g, blk0, NBLK, C, CG, BLOCK_P, BLOCK_CG)
+            b, _, _ = _group_tiles(tile_b_ptr, n, g, blk0, NBLK, C, CG, BLOCK_P, BLOCK_CG)
+            acc_a += a
+            acc_b += b
+        sum_a, sum_b = tl.sum(acc_a, axis=0), tl.sum(acc_b, axis=0)
+        j = tl.arange(0, BLOCK_CG)
+        jmask = j < CG
+        w = tl.load(w_ptr + g * CG + j, mask=jmask, other=0.0).to(tl.float32)
+        tl.store(sum_a_ptr + n * C + g * CG + j, sum_a, mask=jmask)
+        tl.store(sum_b_ptr + n * C + g * CG + j, sum_b, mask=jmask)
+        tl.store(c1_ptr + pid, tl.sum(sum_a * w, axis=0) / (HW * CG))
+        tl.store(c2_ptr + pid, tl.sum(sum_b * w, axis=0) / (HW * CG))
 
     @triton.jit
     def _backward_dx_kernel(x_ptr, dy_ptr, dx_ptr, mean_ptr, rstd_ptr, w_ptr, b_ptr, c1_ptr, c2_ptr,
@@ -142,14 +200,12 @@ if triton is not None:
         dx = rstd[None, :] * (g * w[None, :] - xhat * c1[None, :] - c2[None, :])
         tl.store(dx_ptr + offs, dx.to(dx_ptr.dtype.element_ty), mask=mask)
 
-    def _launch(kernel):
-        """The kernel, wrapped so torch.compile can trace it (the interpreter's kernels launch as they are)."""
-        return kernel if INTERPRET else wrap_triton(kernel)
-
-    def _blocks(hw, c):
+    def _blocks(hw, c, cg):
         block_c = triton.next_power_of_2(c)
         block_hw = max(1, min(TILE_ELEMENTS // block_c, triton.next_power_of_2(hw)))
-        return block_hw, block_c, triton.cdiv(hw, block_hw)
+        nblk = triton.cdiv(hw, block_hw)
+        return block_hw, block_c, nblk, dict(BLOCK_P=min(MERGE_ROWS, triton.next_power_of_2(nblk)),
+                                             BLOCK_CG=triton.next_power_of_2(cg))
 
     def _flattens(t):
         """Whether the two spatial dims of a 4D tensor flatten into one pixel dim (NCHW or channels-last do)."""
@@ -157,55 +213,66 @@ if triton is not None:
 
     def _strides(t):
         """(sample, channel, pixel) strides of a 4D tensor whose spatial dims flatten."""
-        assert _flattens(t), "the spatial dims must flatten (NCHW or channels-last)"
         return t.stride(0), t.stride(1), t.stride(3)
 
     def _dense(t):
-        """t itself when its spatial dims flatten, else an NCHW copy."""
+        """t itself when its spatial dims flatten, else an NCHW copy: any layout torch.compile hands the operators
+        (a padded row stride, say) becomes one the kernels take."""
         return t if _flattens(t) else t.contiguous()
 
-    @triton_op("common::group_norm_silu_forward", mutates_args={})
+    _TAGS = (torch.Tag.flexible_layout,)
+
+    @torch.library.custom_op("common::group_norm_silu_forward", mutates_args=(), tags=_TAGS)
     def _forward(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, groups: int,
                  eps: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        x = _dense(x)
         n, c, h, w = x.shape
         hw, cg = h * w, c // groups
-        block_hw, block_c, nblk = _blocks(hw, c)
+        block_hw, block_c, nblk, merge = _blocks(hw, c, cg)
         strides = _strides(x)
         tile_mean = torch.empty(n, nblk, c, device=x.device, dtype=torch.float32)
         tile_m2 = torch.empty_like(tile_mean)
-        _launch(_stats_kernel)[(n, nblk)](x, tile_mean, tile_m2, hw, c, *strides, BLOCK_HW=block_hw,
-                                           BLOCK_C=block_c)
-        # Chan et al.: merge the (tile, channel) pieces of each group, weighted by their pixel counts
-        counts = torch.full((nblk,), float(block_hw), device=x.device)
-        counts[-1] = hw - block_hw * (nblk - 1)
-        counts = counts.view(1, nblk, 1, 1)
-        tile_mean, tile_m2 = tile_mean.view(n, nblk, groups, cg), tile_m2.view(n, nblk, groups, cg)
-        mean = (tile_mean * counts).sum((1, 3)) / (hw * cg)
-        m2 = tile_m2.sum((1, 3)) + (counts * (tile_mean - mean[:, None, :, None]) ** 2).sum((1, 3))
-        rstd = torch.rsqrt(m2 / (hw * cg) + eps)
+        _stats_kernel[(n, nblk)](x, tile_mean, tile_m2, hw, c, *strides, BLOCK_HW=block_hw, BLOCK_C=block_c)
+        mean = torch.empty(n, groups, device=x.device, dtype=torch.float32)
+        rstd = torch.empty_like(mean)
+        _merge_stats_kernel[(n * groups,)](tile_mean, tile_m2, mean, rstd, nblk, hw, c, cg, groups, eps,
+                                           BLOCK_HW=block_hw, **merge)
         y = torch.empty_like(x)
-        _launch(_forward_kernel)[(n, nblk)](x, y, mean, rstd, weight, bias, hw, c, cg, groups, *strides,
-                                             BLOCK_HW=block_hw, BLOCK_C=block_c)
+        _forward_kernel[(n, nblk)](x, y, mean, rstd, weight, bias, hw, c, cg, groups, *strides, BLOCK_HW=block_hw,
+                                   BLOCK_C=block_c)
         return y, mean, rstd
 
-    @triton_op("common::group_norm_silu_backward", mutates_args={})
+    @_forward.register_fake
+    def _(x, weight, bias, groups, eps):
+        stats = x.new_empty(x.shape[0], groups, dtype=torch.float32)
+        return torch.empty_like(_dense(x)), stats, torch.empty_like(stats)
+
+    @torch.library.custom_op("common::group_norm_silu_backward", mutates_args=(), tags=_TAGS)
     def _backward(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, mean: torch.Tensor,
                   rstd: torch.Tensor, groups: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        x, dy = _dense(x), _dense(dy)
         n, c, h, w = x.shape
         hw, cg = h * w, c // groups
-        block_hw, block_c, nblk = _blocks(hw, c)
+        block_hw, block_c, nblk, merge = _blocks(hw, c, cg)
         strides, dy_strides = _strides(x), _strides(dy)
-        sum_a = torch.empty(n, nblk, c, device=x.device, dtype=torch.float32)
+        tile_a = torch.empty(n, nblk, c, device=x.device, dtype=torch.float32)
+        tile_b = torch.empty_like(tile_a)
+        _backward_sums_kernel[(n, nblk)](x, dy, mean, rstd, weight, bias, tile_a, tile_b, hw, c, cg, groups,
+                                         *strides, *dy_strides, BLOCK_HW=block_hw, BLOCK_C=block_c)
+        sum_a = torch.empty(n, c, device=x.device, dtype=torch.float32)
         sum_b = torch.empty_like(sum_a)
-        _launch(_backward_sums_kernel)[(n, nblk)](x, dy, mean, rstd, weight, bias, sum_a, sum_b, hw, c, cg, groups,
-                                                   *strides, *dy_strides, BLOCK_HW=block_hw, BLOCK_C=block_c)
-        sum_a, sum_b = sum_a.sum(1), sum_b.sum(1)  # (n, c)
-        c1 = (sum_a * weight.float()).view(n, groups, cg).sum(-1) / (hw * cg)
-        c2 = (sum_b * weight.float()).view(n, groups, cg).sum(-1) / (hw * cg)
+        c1 = torch.empty(n, groups, device=x.device, dtype=torch.float32)
+        c2 = torch.empty_like(c1)
+        _merge_grads_kernel[(n * groups,)](tile_a, tile_b, weight, sum_a, sum_b, c1, c2, nblk, hw, c, cg, groups,
+                                           **merge)
         dx = torch.empty_like(x)
-        _launch(_backward_dx_kernel)[(n, nblk)](x, dy, dx, mean, rstd, weight, bias, c1, c2, hw, c, cg, groups,
-                                                 *strides, *dy_strides, BLOCK_HW=block_hw, BLOCK_C=block_c)
+        _backward_dx_kernel[(n, nblk)](x, dy, dx, mean, rstd, weight, bias, c1, c2, hw, c, cg, groups, *strides,
+                                       *dy_strides, BLOCK_HW=block_hw, BLOCK_C=block_c)
         return dx, sum_a.sum(0).to(weight.dtype), sum_b.sum(0).to(bias.dtype)
+
+    @_backward.register_fake
+    def _(dy, x, weight, bias, mean, rstd, groups):
+        return torch.empty_like(_dense(x)), torch.empty_like(weight), torch.empty_like(bias)
 
     def _setup_context(ctx, inputs, output):
         x, weight, bias, groups, _ = inputs
@@ -215,7 +282,7 @@ if triton is not None:
 
     def _autograd_backward(ctx, dy, _dmean, _drstd):
         x, weight, bias, mean, rstd = ctx.saved_tensors
-        dx, dweight, dbias = _backward(_dense(dy), x, weight, bias, mean, rstd, ctx.groups)
+        dx, dweight, dbias = _backward(dy, x, weight, bias, mean, rstd, ctx.groups)
         return dx, dweight, dbias, None, None
 
     _forward.register_autograd(_autograd_backward, setup_context=_setup_context)
@@ -225,7 +292,7 @@ def group_norm_silu(x, weight, bias, groups, eps=1e-5):
     """silu(group_norm(x)) of a 4D tensor: the Triton kernels where `fused_available(x)`, else PyTorch's ops."""
     if not fused_available(x):
         return F.silu(F.group_norm(x, groups, weight, bias, eps))
-    return _forward(_dense(x), weight, bias, groups, eps)[0]
+    return _forward(x, weight, bias, groups, eps)[0]
 
 
 class GroupNormSiLU(nn.GroupNorm):

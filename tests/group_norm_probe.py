@@ -1,22 +1,16 @@
 """Runs common.group_norm's Triton kernels through Triton's interpreter on the CPU (TRITON_INTERPRET=1 is set before
 the import) against PyTorch's GroupNorm + SiLU, and prints the largest errors as JSON for test_group_norm.py.
-Tiles of 64 elements, so that the small shapes here span several tiles with a partial last one.
+Tiles of 64 elements and merges of 4 tiles at a time, so that the small shapes here span several tiles with a
+partial last one, and several merge steps with a partial last one.
 
-    python tests/group_norm_probe.py          # the kernels against PyTorch, and a fused VAE against an unfused one
-    python tests/group_norm_probe.py writes   # what torch.compile's analysis of each kernel finds it writes
-
-torch.compile learns what a user-written Triton kernel writes by reading its Triton IR; where that analysis cannot
-tell, it takes every tensor argument for written, and a weight that needs grad then stops the compilation. The
-`writes` mode runs that analysis for a Hopper target (a stand-in driver: no GPU is needed to generate the IR).
+    python tests/group_norm_probe.py   # the kernels against PyTorch, a fused VAE against an unfused one, compiled
 """
 
 import json
 import os
 import sys
 
-WRITES = sys.argv[1:] == ["writes"]
-if not WRITES:
-    os.environ["TRITON_INTERPRET"] = "1"
+os.environ["TRITON_INTERPRET"] = "1"
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import torch  # noqa: E402
@@ -25,6 +19,7 @@ import torch.nn.functional as F  # noqa: E402
 import common.group_norm as gn  # noqa: E402
 
 gn.TILE_ELEMENTS = 64
+gn.MERGE_ROWS = 4
 
 
 def reference(x, w, b, groups, eps):
@@ -82,46 +77,25 @@ def fused_vae():
                         for k, p in vae.named_parameters() if grads[k].abs().max() > 1e-7)}
 
 
-def kernel_writes():
-    """{kernel: the arguments torch.compile's analysis finds written} at the mel VAE's smallest shape."""
-    import triton
-    from triton.backends.compiler import GPUTarget
-    from torch._higher_order_ops.triton_kernel_wrap import identify_accessed_tensors
-
-    class HopperTarget:
-        def get_current_target(self):
-            return GPUTarget("cuda", 90, 32)
-
-        def get_active_torch_device(self):
-            return torch.device("cpu")
-
-    triton.runtime.driver.set_active(HopperTarget())
-    n, c, h, w, groups = 2, 48, 8, 16, 16
-    x, dy = torch.randn(n, c, h, w), torch.randn(n, c, h, w)
-    block_hw, block_c, nblk = gn._blocks(h * w, c)
-    per_tile = lambda: torch.empty(n, nblk, c)  # noqa: E731
-    per_group = lambda: torch.rand(n, groups)  # noqa: E731
-    shape = dict(HW=h * w, C=c, BLOCK_HW=block_hw, BLOCK_C=block_c)
-    strides = dict(zip(("s_n", "s_c", "s_hw"), gn._strides(x)))
-    dy_strides = dict(zip(("d_n", "d_c", "d_hw"), gn._strides(dy)))
-    params = dict(mean_ptr=per_group(), rstd_ptr=per_group(), w_ptr=torch.randn(c), b_ptr=torch.randn(c), CG=c // groups,
-                  G=groups, **shape, **strides)
-    calls = {
-        gn._stats_kernel: dict(x_ptr=x, mean_ptr=per_tile(), m2_ptr=per_tile(), **shape, **strides),
-        gn._forward_kernel: dict(x_ptr=x, y_ptr=torch.empty_like(x), **params),
-        gn._backward_sums_kernel: dict(x_ptr=x, dy_ptr=dy, a_ptr=per_tile(), bsum_ptr=per_tile(), **params,
-                                       **dy_strides),
-        gn._backward_dx_kernel: dict(x_ptr=x, dy_ptr=dy, dx_ptr=torch.empty_like(x), c1_ptr=per_group(),
-                                     c2_ptr=per_group(), **params, **dy_strides),
-    }
-    return {kernel.fn.__name__: sorted(dep.name for dep in identify_accessed_tensors(kernel, kwargs, {})
-                                       .read_writes.writes)
-            for kernel, kwargs in calls.items()}
+def compiled_channels_last():
+    """The operators under torch.compile (AOT autograd with fake tensors, as Inductor traces them) on a channels-last
+    input: the largest errors against eager, and whether the output and the input's gradient stayed channels-last."""
+    torch.manual_seed(0)
+    x = torch.randn(2, 12, 5, 7).contiguous(memory_format=torch.channels_last).requires_grad_(True)
+    w, b = torch.randn(12, requires_grad=True), torch.randn(12, requires_grad=True)
+    dy = torch.randn(2, 12, 5, 7).contiguous(memory_format=torch.channels_last)
+    fn = lambda x, w, b: gn.group_norm_silu(x, w, b, 4, 1e-6) * 2  # noqa: E731
+    out = {}
+    for name, run in (("eager", fn), ("compiled", torch.compile(fn, backend="aot_eager", fullgraph=True))):
+        x.grad = w.grad = b.grad = None
+        y = run(x, w, b)
+        y.backward(dy)
+        out[name] = (y.detach(), x.grad, w.grad, b.grad)
+    return {"err": max(float((c - e).abs().max()) for c, e in zip(out["compiled"], out["eager"])),
+            "channels_last": all(t.is_contiguous(memory_format=torch.channels_last) for t in out["compiled"][:2])}
 
 
-if __name__ == "__main__" and WRITES:
-    print(json.dumps(kernel_writes()))
-elif __name__ == "__main__":
+if __name__ == "__main__":
     cases = {
         "nchw_fp32": errors((2, 12, 5, 7), 3, torch.float32, False),  # 16 padded channels, 9 tiles, last partial
         "channels_last_fp32": errors((2, 12, 5, 7), 3, torch.float32, True),
@@ -130,4 +104,4 @@ elif __name__ == "__main__":
         "nchw_bf16": errors((2, 12, 5, 7), 4, torch.bfloat16, False),
         "channels_last_bf16": errors((2, 12, 5, 7), 4, torch.bfloat16, True),
     }
-    print(json.dumps({"cases": cases, "vae": fused_vae()}))
+    print(json.dumps({"cases": cases, "vae": fused_vae(), "compiled": compiled_channels_last()}))
