@@ -3,6 +3,7 @@ PyTorch's ops eager and compiled, NCHW and channels-last, and `common.group_norm
 (`--fused_group_norm`), under bf16 autocast as the training step runs them.
 
     python benchmarks/group_norm_bench.py [--batch 32] [--iters 50] [--device cpu]   # cpu: a quick check of the script
+    python benchmarks/group_norm_bench.py --sweep 2048,4096,8192:4,8   # the fused kernels' tile sizes and warps
 
 For each shape it prints milliseconds per forward + backward (wall time, then on a GPU the kernels' own time
 from torch.profiler, which leaves out the host's launch overhead) and the bandwidth that time implies for the least
@@ -75,17 +76,45 @@ def time_variant(module, x, iters, device):
     return seconds, sum(kernels.values()) / 1e3, kernels
 
 
+def sweep(args):
+    """GPU time of the fused kernels over all the VAE's norms, NCHW and channels-last, per (tile elements, warps)."""
+    import common.group_norm as gn
+
+    tiles, warps = ([int(v) for v in part.split(",")] for part in args.sweep.split(":"))
+    print(f"{'tile elements':>14s} {'warps':>6s} {'NCHW GPU ms':>12s} {'channels-last GPU ms':>21s}")
+    for tile in tiles:
+        for num_warps in warps:
+            gn.TILE_ELEMENTS, gn.NUM_WARPS = tile, num_warps
+            totals = []
+            for channels_last in (False, True):
+                total = 0.0
+                for c, h, w, count in SHAPES:
+                    x = torch.randn(args.batch, c, h, w, device=args.device, dtype=torch.bfloat16)
+                    if channels_last:
+                        x = x.contiguous(memory_format=torch.channels_last)
+                    x.requires_grad_(True)
+                    _, kernel_seconds, _ = time_variant(NormAct(c, fused=True).to(args.device), x, args.iters,
+                                                        args.device)
+                    total += (kernel_seconds or 0.0) * count
+                totals.append(total)
+            print(f"{tile:14d} {num_warps:6d} {totals[0] * 1e3:12.2f} {totals[1] * 1e3:21.2f}")
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--iters", type=int, default=50)
     parser.add_argument("--device", type=str, default="cuda", choices=("cuda", "cpu"))
     parser.add_argument("--kernels", action="store_true", help="list each variant's kernels and their GPU time")
+    parser.add_argument("--sweep", type=str, default=None, metavar="TILES:WARPS",
+                        help="only the fused kernels' GPU time at each tile size and warp count, e.g. 2048,4096:4,8")
     args = parser.parse_args()
     if args.device == "cuda" and not torch.cuda.is_available():
         raise SystemExit("--device cuda: no CUDA GPU here (--device cpu checks the script)")
     name = torch.cuda.get_device_name() if args.device == "cuda" else "cpu"
     print(f"{name}, torch {torch.__version__}, batch {args.batch}")
+    if args.sweep:
+        return sweep(args)
     variants = [v for v in VARIANTS if not v[3] or kernels_run_on(args.device)]
     print(f"{'shape':>18s} {'x VAE':>6s} " + " ".join(f"{v[0]:>22s}" for v in variants))
     totals, kernel_totals = [0.0] * len(variants), [0.0] * len(variants)

@@ -34,6 +34,7 @@ except ImportError:  # no Triton (a CPU-only torch build): the module falls back
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 TILE_ELEMENTS = 4096  # elements a program handles: all channels of BLOCK_HW pixels
+NUM_WARPS = 4  # warps of each tile's program
 MERGE_ROWS = 64  # tiles a merging program reads at a time
 
 
@@ -204,8 +205,8 @@ if triton is not None:
         block_c = triton.next_power_of_2(c)
         block_hw = max(1, min(TILE_ELEMENTS // block_c, triton.next_power_of_2(hw)))
         nblk = triton.cdiv(hw, block_hw)
-        return block_hw, block_c, nblk, dict(BLOCK_P=min(MERGE_ROWS, triton.next_power_of_2(nblk)),
-                                             BLOCK_CG=triton.next_power_of_2(cg))
+        return block_hw, nblk, dict(BLOCK_HW=block_hw, BLOCK_C=block_c, num_warps=NUM_WARPS), dict(
+            BLOCK_P=min(MERGE_ROWS, triton.next_power_of_2(nblk)), BLOCK_CG=triton.next_power_of_2(cg))
 
     def _flattens(t):
         """Whether the two spatial dims of a 4D tensor flatten into one pixel dim (NCHW or channels-last do)."""
@@ -228,18 +229,17 @@ if triton is not None:
         x = _dense(x)
         n, c, h, w = x.shape
         hw, cg = h * w, c // groups
-        block_hw, block_c, nblk, merge = _blocks(hw, c, cg)
+        block_hw, nblk, tile, merge = _blocks(hw, c, cg)
         strides = _strides(x)
         tile_mean = torch.empty(n, nblk, c, device=x.device, dtype=torch.float32)
         tile_m2 = torch.empty_like(tile_mean)
-        _stats_kernel[(n, nblk)](x, tile_mean, tile_m2, hw, c, *strides, BLOCK_HW=block_hw, BLOCK_C=block_c)
+        _stats_kernel[(n, nblk)](x, tile_mean, tile_m2, hw, c, *strides, **tile)
         mean = torch.empty(n, groups, device=x.device, dtype=torch.float32)
         rstd = torch.empty_like(mean)
         _merge_stats_kernel[(n * groups,)](tile_mean, tile_m2, mean, rstd, nblk, hw, c, cg, groups, eps,
                                            BLOCK_HW=block_hw, **merge)
         y = torch.empty_like(x)
-        _forward_kernel[(n, nblk)](x, y, mean, rstd, weight, bias, hw, c, cg, groups, *strides, BLOCK_HW=block_hw,
-                                   BLOCK_C=block_c)
+        _forward_kernel[(n, nblk)](x, y, mean, rstd, weight, bias, hw, c, cg, groups, *strides, **tile)
         return y, mean, rstd
 
     @_forward.register_fake
@@ -253,12 +253,12 @@ if triton is not None:
         x, dy = _dense(x), _dense(dy)
         n, c, h, w = x.shape
         hw, cg = h * w, c // groups
-        block_hw, block_c, nblk, merge = _blocks(hw, c, cg)
+        block_hw, nblk, tile, merge = _blocks(hw, c, cg)
         strides, dy_strides = _strides(x), _strides(dy)
         tile_a = torch.empty(n, nblk, c, device=x.device, dtype=torch.float32)
         tile_b = torch.empty_like(tile_a)
         _backward_sums_kernel[(n, nblk)](x, dy, mean, rstd, weight, bias, tile_a, tile_b, hw, c, cg, groups,
-                                         *strides, *dy_strides, BLOCK_HW=block_hw, BLOCK_C=block_c)
+                                         *strides, *dy_strides, **tile)
         sum_a = torch.empty(n, c, device=x.device, dtype=torch.float32)
         sum_b = torch.empty_like(sum_a)
         c1 = torch.empty(n, groups, device=x.device, dtype=torch.float32)
@@ -267,7 +267,7 @@ if triton is not None:
                                            **merge)
         dx = torch.empty_like(x)
         _backward_dx_kernel[(n, nblk)](x, dy, dx, mean, rstd, weight, bias, c1, c2, hw, c, cg, groups, *strides,
-                                       *dy_strides, BLOCK_HW=block_hw, BLOCK_C=block_c)
+                                       *dy_strides, **tile)
         return dx, sum_a.sum(0).to(weight.dtype), sum_b.sum(0).to(bias.dtype)
 
     @_backward.register_fake
