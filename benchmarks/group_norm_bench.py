@@ -13,6 +13,7 @@ GPU's memory bandwidth leaves time to win.
 """
 
 import argparse
+import itertools
 import os
 import sys
 import time
@@ -77,27 +78,27 @@ def time_variant(module, x, iters, device):
 
 
 def sweep(args):
-    """GPU time of the fused kernels over all the VAE's norms, NCHW and channels-last, per (tile elements, warps)."""
+    """GPU time of the fused kernels over all the VAE's norms, NCHW and channels-last, per (tile elements, warps,
+    channels split into tiles of a power of two or not)."""
     import common.group_norm as gn
 
     tiles, warps = ([int(v) for v in part.split(",")] for part in args.sweep.split(":"))
-    print(f"{'tile elements':>14s} {'warps':>6s} {'NCHW GPU ms':>12s} {'channels-last GPU ms':>21s}")
-    for tile in tiles:
-        for num_warps in warps:
-            gn.TILE_ELEMENTS, gn.NUM_WARPS = tile, num_warps
-            totals = []
-            for channels_last in (False, True):
-                total = 0.0
-                for c, h, w, count in SHAPES:
-                    x = torch.randn(args.batch, c, h, w, device=args.device, dtype=torch.bfloat16)
-                    if channels_last:
-                        x = x.contiguous(memory_format=torch.channels_last)
-                    x.requires_grad_(True)
-                    _, kernel_seconds, _ = time_variant(NormAct(c, fused=True).to(args.device), x, args.iters,
-                                                        args.device)
-                    total += (kernel_seconds or 0.0) * count
-                totals.append(total)
-            print(f"{tile:14d} {num_warps:6d} {totals[0] * 1e3:12.2f} {totals[1] * 1e3:21.2f}")
+    print(f"{'tile elements':>14s} {'warps':>6s} {'split':>6s} {'NCHW GPU ms':>12s} {'channels-last GPU ms':>21s}")
+    for tile, num_warps, split in itertools.product(tiles, warps, (False, True)):
+        gn.TILE_ELEMENTS, gn.NUM_WARPS, gn.CHANNEL_SPLIT = tile, num_warps, split
+        totals = []
+        for channels_last in (False, True):
+            total = 0.0
+            for c, h, w, count in SHAPES:
+                x = torch.randn(args.batch, c, h, w, device=args.device, dtype=torch.bfloat16)
+                if channels_last:
+                    x = x.contiguous(memory_format=torch.channels_last)
+                x.requires_grad_(True)
+                _, kernel_seconds, _ = time_variant(NormAct(c, fused=True).to(args.device), x, args.iters,
+                                                    args.device)
+                total += (kernel_seconds or 0.0) * count
+            totals.append(total)
+        print(f"{tile:14d} {num_warps:6d} {int(split):6d} {totals[0] * 1e3:12.2f} {totals[1] * 1e3:21.2f}")
 
 
 def main():

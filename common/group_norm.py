@@ -33,8 +33,9 @@ except ImportError:  # no Triton (a CPU-only torch build): the module falls back
     triton = None
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
-TILE_ELEMENTS = 4096  # elements a program handles: all channels of BLOCK_HW pixels
+TILE_ELEMENTS = 4096  # elements a program handles: BLOCK_HW pixels of BLOCK_C channels
 NUM_WARPS = 4  # warps of each tile's program
+CHANNEL_SPLIT = True  # tiles of a power-of-two share of the channels (see _blocks)
 MERGE_ROWS = 64  # tiles a merging program reads at a time
 
 
@@ -53,10 +54,11 @@ def fused_available(x):
 if triton is not None:
 
     @triton.jit
-    def _tile(n, hw0, HW, C, s_n, s_c, s_hw, BLOCK_HW: tl.constexpr, BLOCK_C: tl.constexpr):
-        """Offsets and mask of the tile of sample n: pixels hw0.. hw0+BLOCK_HW (rows) x every channel (columns)."""
+    def _tile(n, hw0, c0, HW, C, s_n, s_c, s_hw, BLOCK_HW: tl.constexpr, BLOCK_C: tl.constexpr):
+        """Offsets and mask of the tile of sample n: pixels hw0.. hw0+BLOCK_HW (rows) x channels c0.. c0+BLOCK_C
+        (columns)."""
         hw = hw0 + tl.arange(0, BLOCK_HW)
-        c = tl.arange(0, BLOCK_C)
+        c = c0 + tl.arange(0, BLOCK_C)
         mask = (hw[:, None] < HW) & (c[None, :] < C)
         return n * s_n + hw[:, None] * s_hw + c[None, :] * s_c, mask, c
 
@@ -76,8 +78,8 @@ if triton is not None:
     def _stats_kernel(x_ptr, mean_ptr, m2_ptr, HW, C, s_n, s_c, s_hw,
                       BLOCK_HW: tl.constexpr, BLOCK_C: tl.constexpr):
         """Per tile and channel: the mean and the sum of squared deviations (M2) over the tile's valid pixels."""
-        n, blk = tl.program_id(0), tl.program_id(1)
-        offs, mask, c = _tile(n, blk * BLOCK_HW, HW, C, s_n, s_c, s_hw, BLOCK_HW, BLOCK_C)
+        n, blk, c0 = tl.program_id(0), tl.program_id(1), tl.program_id(2) * BLOCK_C
+        offs, mask, c = _tile(n, blk * BLOCK_HW, c0, HW, C, s_n, s_c, s_hw, BLOCK_HW, BLOCK_C)
         x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
         count = tl.minimum(HW - blk * BLOCK_HW, BLOCK_HW).to(tl.float32)
         mean = tl.sum(x, axis=0) / count
@@ -125,19 +127,19 @@ if triton is not None:
     def _forward_kernel(x_ptr, y_ptr, mean_ptr, rstd_ptr, w_ptr, b_ptr, HW, C, CG, G, s_n, s_c, s_hw,
                         BLOCK_HW: tl.constexpr, BLOCK_C: tl.constexpr):
         """y = silu(xhat * weight + bias), written with x's strides and in y's dtype."""
-        n, blk = tl.program_id(0), tl.program_id(1)
-        offs, mask, c = _tile(n, blk * BLOCK_HW, HW, C, s_n, s_c, s_hw, BLOCK_HW, BLOCK_C)
+        n, blk, c0 = tl.program_id(0), tl.program_id(1), tl.program_id(2) * BLOCK_C
+        offs, mask, c = _tile(n, blk * BLOCK_HW, c0, HW, C, s_n, s_c, s_hw, BLOCK_HW, BLOCK_C)
         x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
         _, z, _, _ = _normalise(x, mean_ptr, rstd_ptr, w_ptr, b_ptr, n, c, C, CG, G)
         y = z * tl.sigmoid(z)
         tl.store(y_ptr + offs, y.to(y_ptr.dtype.element_ty), mask=mask)
 
     @triton.jit
-    def _load_tile(x_ptr, dy_ptr, n, blk, HW, C, s_n, s_c, s_hw, d_n, d_c, d_hw,
+    def _load_tile(x_ptr, dy_ptr, n, blk, c0, HW, C, s_n, s_c, s_hw, d_n, d_c, d_hw,
                    BLOCK_HW: tl.constexpr, BLOCK_C: tl.constexpr):
         """x and dy of one tile in float32 (their strides may differ), and the tile's mask."""
-        offs, mask, _ = _tile(n, blk * BLOCK_HW, HW, C, s_n, s_c, s_hw, BLOCK_HW, BLOCK_C)
-        doffs, _, _ = _tile(n, blk * BLOCK_HW, HW, C, d_n, d_c, d_hw, BLOCK_HW, BLOCK_C)
+        offs, mask, _ = _tile(n, blk * BLOCK_HW, c0, HW, C, s_n, s_c, s_hw, BLOCK_HW, BLOCK_C)
+        doffs, _, _ = _tile(n, blk * BLOCK_HW, c0, HW, C, d_n, d_c, d_hw, BLOCK_HW, BLOCK_C)
         x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
         dy = tl.load(dy_ptr + doffs, mask=mask, other=0.0).to(tl.float32)
         return x, dy, mask
@@ -155,9 +157,9 @@ if triton is not None:
                               HW, C, CG, G, s_n, s_c, s_hw, d_n, d_c, d_hw,
                               BLOCK_HW: tl.constexpr, BLOCK_C: tl.constexpr):
         """Per tile and channel: sum(g * xhat) and sum(g), g the gradient at z."""
-        n, blk = tl.program_id(0), tl.program_id(1)
-        c = tl.arange(0, BLOCK_C)
-        x, dy, mask = _load_tile(x_ptr, dy_ptr, n, blk, HW, C, s_n, s_c, s_hw, d_n, d_c, d_hw, BLOCK_HW, BLOCK_C)
+        n, blk, c0 = tl.program_id(0), tl.program_id(1), tl.program_id(2) * BLOCK_C
+        c = c0 + tl.arange(0, BLOCK_C)
+        x, dy, mask = _load_tile(x_ptr, dy_ptr, n, blk, c0, HW, C, s_n, s_c, s_hw, d_n, d_c, d_hw, BLOCK_HW, BLOCK_C)
         g, xhat, _, _ = _grad_z(x, dy, mask, mean_ptr, rstd_ptr, w_ptr, b_ptr, n, c, C, CG, G)
         out = (n * tl.num_programs(1) + blk) * C + c
         tl.store(a_ptr + out, tl.sum(g * xhat, axis=0), mask=c < C)
@@ -191,9 +193,9 @@ if triton is not None:
                             HW, C, CG, G, s_n, s_c, s_hw, d_n, d_c, d_hw,
                             BLOCK_HW: tl.constexpr, BLOCK_C: tl.constexpr):
         """dx = rstd * (g * weight - xhat * c1 - c2), c1 and c2 the group means of g * weight * xhat and g * weight."""
-        n, blk = tl.program_id(0), tl.program_id(1)
-        offs, mask, c = _tile(n, blk * BLOCK_HW, HW, C, s_n, s_c, s_hw, BLOCK_HW, BLOCK_C)
-        x, dy, _ = _load_tile(x_ptr, dy_ptr, n, blk, HW, C, s_n, s_c, s_hw, d_n, d_c, d_hw, BLOCK_HW, BLOCK_C)
+        n, blk, c0 = tl.program_id(0), tl.program_id(1), tl.program_id(2) * BLOCK_C
+        offs, mask, c = _tile(n, blk * BLOCK_HW, c0, HW, C, s_n, s_c, s_hw, BLOCK_HW, BLOCK_C)
+        x, dy, _ = _load_tile(x_ptr, dy_ptr, n, blk, c0, HW, C, s_n, s_c, s_hw, d_n, d_c, d_hw, BLOCK_HW, BLOCK_C)
         g, xhat, w, rstd = _grad_z(x, dy, mask, mean_ptr, rstd_ptr, w_ptr, b_ptr, n, c, C, CG, G)
         group = n * G + c // CG
         c1 = tl.load(c1_ptr + group, mask=c < C, other=0.0)
@@ -202,10 +204,14 @@ if triton is not None:
         tl.store(dx_ptr + offs, dx.to(dx_ptr.dtype.element_ty), mask=mask)
 
     def _blocks(hw, c, cg):
+        """Tile and grid sizes: a tile is BLOCK_HW pixels of BLOCK_C channels, all of them, or with CHANNEL_SPLIT the
+        largest power of two (16 or more) that divides the channel count, so that no lane is masked off."""
         block_c = triton.next_power_of_2(c)
+        if CHANNEL_SPLIT and c & -c >= 16:
+            block_c = c & -c
         block_hw = max(1, min(TILE_ELEMENTS // block_c, triton.next_power_of_2(hw)))
         nblk = triton.cdiv(hw, block_hw)
-        return block_hw, nblk, dict(BLOCK_HW=block_hw, BLOCK_C=block_c, num_warps=NUM_WARPS), dict(
+        return block_hw, nblk, triton.cdiv(c, block_c), dict(BLOCK_HW=block_hw, BLOCK_C=block_c, num_warps=NUM_WARPS), dict(
             BLOCK_P=min(MERGE_ROWS, triton.next_power_of_2(nblk)), BLOCK_CG=triton.next_power_of_2(cg))
 
     def _flattens(t):
@@ -229,17 +235,17 @@ if triton is not None:
         x = _dense(x)
         n, c, h, w = x.shape
         hw, cg = h * w, c // groups
-        block_hw, nblk, tile, merge = _blocks(hw, c, cg)
+        block_hw, nblk, nc, tile, merge = _blocks(hw, c, cg)
         strides = _strides(x)
         tile_mean = torch.empty(n, nblk, c, device=x.device, dtype=torch.float32)
         tile_m2 = torch.empty_like(tile_mean)
-        _stats_kernel[(n, nblk)](x, tile_mean, tile_m2, hw, c, *strides, **tile)
+        _stats_kernel[(n, nblk, nc)](x, tile_mean, tile_m2, hw, c, *strides, **tile)
         mean = torch.empty(n, groups, device=x.device, dtype=torch.float32)
         rstd = torch.empty_like(mean)
         _merge_stats_kernel[(n * groups,)](tile_mean, tile_m2, mean, rstd, nblk, hw, c, cg, groups, eps,
                                            BLOCK_HW=block_hw, **merge)
         y = torch.empty_like(x)
-        _forward_kernel[(n, nblk)](x, y, mean, rstd, weight, bias, hw, c, cg, groups, *strides, **tile)
+        _forward_kernel[(n, nblk, nc)](x, y, mean, rstd, weight, bias, hw, c, cg, groups, *strides, **tile)
         return y, mean, rstd
 
     @_forward.register_fake
@@ -253,11 +259,11 @@ if triton is not None:
         x, dy = _dense(x), _dense(dy)
         n, c, h, w = x.shape
         hw, cg = h * w, c // groups
-        block_hw, nblk, tile, merge = _blocks(hw, c, cg)
+        block_hw, nblk, nc, tile, merge = _blocks(hw, c, cg)
         strides, dy_strides = _strides(x), _strides(dy)
         tile_a = torch.empty(n, nblk, c, device=x.device, dtype=torch.float32)
         tile_b = torch.empty_like(tile_a)
-        _backward_sums_kernel[(n, nblk)](x, dy, mean, rstd, weight, bias, tile_a, tile_b, hw, c, cg, groups,
+        _backward_sums_kernel[(n, nblk, nc)](x, dy, mean, rstd, weight, bias, tile_a, tile_b, hw, c, cg, groups,
                                          *strides, *dy_strides, **tile)
         sum_a = torch.empty(n, c, device=x.device, dtype=torch.float32)
         sum_b = torch.empty_like(sum_a)
@@ -266,7 +272,7 @@ if triton is not None:
         _merge_grads_kernel[(n * groups,)](tile_a, tile_b, weight, sum_a, sum_b, c1, c2, nblk, hw, c, cg, groups,
                                            **merge)
         dx = torch.empty_like(x)
-        _backward_dx_kernel[(n, nblk)](x, dy, dx, mean, rstd, weight, bias, c1, c2, hw, c, cg, groups, *strides,
+        _backward_dx_kernel[(n, nblk, nc)](x, dy, dx, mean, rstd, weight, bias, c1, c2, hw, c, cg, groups, *strides,
                                        *dy_strides, **tile)
         return dx, sum_a.sum(0).to(weight.dtype), sum_b.sum(0).to(bias.dtype)
 

@@ -52,6 +52,15 @@ def errors(shape, groups, dtype, channels_last, offset=0.0):
             "dtype": y.dtype == dtype and x.grad.dtype == dtype}
 
 
+def split_channels(split, *args, **kwargs):
+    """errors() with tiles of a part of the channels (CHANNEL_SPLIT, 16 of 48 here) or of all of them."""
+    before, gn.CHANNEL_SPLIT = gn.CHANNEL_SPLIT, split
+    try:
+        return errors(*args, **kwargs)
+    finally:
+        gn.CHANNEL_SPLIT = before
+
+
 def fused_vae():
     """A tiny AutoencoderKL fused and unfused (same weights): outputs and gradients, the count of fused pairs."""
     from diffusers import AutoencoderKL
@@ -101,6 +110,9 @@ if __name__ == "__main__":
         "channels_last_fp32": errors((2, 12, 5, 7), 3, torch.float32, True),
         "offset_mean_fp32": errors((2, 8, 9, 9), 2, torch.float32, False, offset=100.0),  # variance beside mean 100
         "one_row_fp32": errors((1, 6, 1, 50), 6, torch.float32, False),  # a group per channel, H = 1
+        "split_channels_last_fp32": split_channels(True, (2, 48, 3, 5), 16, torch.float32, True),  # 3 x 16 channels
+        "split_nchw_fp32": split_channels(True, (2, 48, 3, 5), 16, torch.float32, False),
+        "unsplit_channels_last_fp32": split_channels(False, (2, 48, 3, 5), 16, torch.float32, True),  # 64, 48 valid
         "nchw_bf16": errors((2, 12, 5, 7), 4, torch.bfloat16, False),
         "channels_last_bf16": errors((2, 12, 5, 7), 4, torch.bfloat16, True),
     }
