@@ -104,7 +104,8 @@ def build_parser():
     g.add_argument("--fused_group_norm", action=argparse.BooleanOptionalAction, default=False,
                    help="Mel mode: run each resnet block's GroupNorm -> SiLU as fused Triton kernels (two passes "
                         "over the input forward, two backward; common/group_norm.py) on a CUDA GPU; PyTorch's ops "
-                        "elsewhere. Same weights and exports.")
+                        "elsewhere. Same weights and exports. Use it with --compile (1.07x the compiled step, 9%% less "
+                        "memory on an H100); eager, the host's dispatch per norm makes it slower.")
     g.add_argument("--compile_mode", type=str, default="reduce-overhead",
                    choices=COMPILE_MODES,
                    help="torch.compile mode with --compile. reduce-overhead replays the VAE's and the "
