@@ -211,21 +211,20 @@ if triton is not None:
             block_c = c & -c
         block_hw = max(1, min(TILE_ELEMENTS // block_c, triton.next_power_of_2(hw)))
         nblk = triton.cdiv(hw, block_hw)
-        return block_hw, nblk, triton.cdiv(c, block_c), dict(BLOCK_HW=block_hw, BLOCK_C=block_c, num_warps=NUM_WARPS), dict(
-            BLOCK_P=min(MERGE_ROWS, triton.next_power_of_2(nblk)), BLOCK_CG=triton.next_power_of_2(cg))
-
-    def _flattens(t):
-        """Whether the two spatial dims of a 4D tensor flatten into one pixel dim (NCHW or channels-last do)."""
-        return t.shape[2] == 1 or t.stride(2) == t.stride(3) * t.shape[3]
+        tile = dict(BLOCK_HW=block_hw, BLOCK_C=block_c, num_warps=NUM_WARPS)
+        merge = dict(BLOCK_P=min(MERGE_ROWS, triton.next_power_of_2(nblk)), BLOCK_CG=triton.next_power_of_2(cg))
+        return block_hw, nblk, triton.cdiv(c, block_c), tile, merge
 
     def _strides(t):
-        """(sample, channel, pixel) strides of a 4D tensor whose spatial dims flatten."""
-        return t.stride(0), t.stride(1), t.stride(3)
+        """(sample, channel, pixel) strides of an NCHW or channels-last tensor."""
+        return t.stride(0), t.stride(1), t.stride(3) if t.shape[3] > 1 else t.stride(2)
 
     def _dense(t):
-        """t itself when its spatial dims flatten, else an NCHW copy: any layout torch.compile hands the operators
-        (a padded row stride, say) becomes one the kernels take."""
-        return t if _flattens(t) else t.contiguous()
+        """t itself when it is NCHW or channels-last, else an NCHW copy: the kernels write the output and the input's
+        gradient with the input's strides, so any other layout torch.compile or a caller hands the operators (a
+        padded row, a slice of the channels) is copied first."""
+        dense = t.is_contiguous() or t.is_contiguous(memory_format=torch.channels_last)
+        return t if dense else t.contiguous()
 
     _TAGS = (torch.Tag.flexible_layout,)
 

@@ -26,7 +26,7 @@ def reference(x, w, b, groups, eps):
     return F.silu(F.group_norm(x, groups, w, b, eps))
 
 
-def errors(shape, groups, dtype, channels_last, offset=0.0):
+def errors(shape, groups, dtype, channels_last, offset=0.0, channel_slice=False):
     """Largest absolute errors of y, dx, dweight, dbias against float64 PyTorch, each relative to the reference's
     largest magnitude; and whether y and dx kept x's strides and dtype."""
     g = torch.Generator().manual_seed(sum(shape) + groups)
@@ -37,6 +37,8 @@ def errors(shape, groups, dtype, channels_last, offset=0.0):
     x, dy = x64.to(dtype), dy64.to(dtype)
     if channels_last:
         x, dy = x.contiguous(memory_format=torch.channels_last), dy.contiguous(memory_format=torch.channels_last)
+    if channel_slice:  # a view of the first half of a tensor with twice the channels: neither NCHW nor channels-last
+        x = torch.cat([x, torch.full_like(x, 1e3)], 1)[:, :shape[1]]
     x.requires_grad_(True)
     w, b = w64.float().requires_grad_(True), b64.float().requires_grad_(True)
     assert gn.fused_available(x)
@@ -48,7 +50,7 @@ def errors(shape, groups, dtype, channels_last, offset=0.0):
     yr.backward(dy.double())
     rel = lambda a, r: float((a.detach().double() - r.detach()).abs().max() / r.detach().abs().max())  # noqa: E731
     return {"y": rel(y, yr), "dx": rel(x.grad, xr.grad), "dweight": rel(w.grad, wr.grad), "dbias": rel(b.grad, br.grad),
-            "strides": y.stride() == x.stride() and x.grad.stride() == x.stride(),
+            "strides": channel_slice or (y.stride() == x.stride() and x.grad.stride() == x.stride()),
             "dtype": y.dtype == dtype and x.grad.dtype == dtype}
 
 
@@ -113,6 +115,7 @@ if __name__ == "__main__":
         "split_channels_last_fp32": split_channels(True, (2, 48, 3, 5), 16, torch.float32, True),  # 3 x 16 channels
         "split_nchw_fp32": split_channels(True, (2, 48, 3, 5), 16, torch.float32, False),
         "unsplit_channels_last_fp32": split_channels(False, (2, 48, 3, 5), 16, torch.float32, True),  # 64, 48 valid
+        "channel_slice_fp32": errors((2, 12, 5, 7), 3, torch.float32, False, channel_slice=True),
         "nchw_bf16": errors((2, 12, 5, 7), 4, torch.bfloat16, False),
         "channels_last_bf16": errors((2, 12, 5, 7), 4, torch.bfloat16, True),
     }
