@@ -149,5 +149,6 @@ def main():
         for kernel, ms in sorted(kernels.items(), key=lambda kv: -kv[1])[:12]:
             print(f"  {ms:7.3f}  {kernel[:100]}")
 
+
 if __name__ == "__main__":
     main()

@@ -263,7 +263,7 @@ if triton is not None:
         tile_a = torch.empty(n, nblk, c, device=x.device, dtype=torch.float32)
         tile_b = torch.empty_like(tile_a)
         _backward_sums_kernel[(n, nblk, nc)](x, dy, mean, rstd, weight, bias, tile_a, tile_b, hw, c, cg, groups,
-                                         *strides, *dy_strides, **tile)
+                                             *strides, *dy_strides, **tile)
         sum_a = torch.empty(n, c, device=x.device, dtype=torch.float32)
         sum_b = torch.empty_like(sum_a)
         c1 = torch.empty(n, groups, device=x.device, dtype=torch.float32)
@@ -271,8 +271,8 @@ if triton is not None:
         _merge_grads_kernel[(n * groups,)](tile_a, tile_b, weight, sum_a, sum_b, c1, c2, nblk, hw, c, cg, groups,
                                            **merge)
         dx = torch.empty_like(x)
-        _backward_dx_kernel[(n, nblk, nc)](x, dy, dx, mean, rstd, weight, bias, c1, c2, hw, c, cg, groups, *strides,
-                                       *dy_strides, **tile)
+        _backward_dx_kernel[(n, nblk, nc)](x, dy, dx, mean, rstd, weight, bias, c1, c2, hw, c, cg, groups,
+                                           *strides, *dy_strides, **tile)
         return dx, sum_a.sum(0).to(weight.dtype), sum_b.sum(0).to(bias.dtype)
 
     @_backward.register_fake
