@@ -31,8 +31,8 @@ from common.args import (ArgumentParser, add_ema_args, add_mel_args, add_optimiz
                          check_audio_data_args, fraction, mel_config, non_negative_float, non_negative_int,
                          optimizer_kwargs, parse_args_with_config, positive_float, positive_int)
 from common.audio import AudioSegments, save_audio, train_and_validation_files, validation_clips
-from common.audio_vae import (DEFAULT_PRESET, MODES, PRESETS, AudioVAE, build_vae, fresh_copy, save_audio_vae,
-                              vae_class)
+from common.audio_vae import (DEFAULT_PRESET, MODES, PRESETS, AudioVAE, build_vae, compile_friendly_upsampling,
+                              fresh_copy, save_audio_vae, vae_class)
 from common.checkpoint import (Checkpoint, CheckpointError, commit_checkpoint, load_models, open_resume,
                                refuse_non_finite, restore_ema, restore_training_parts, save_training_parts,
                                start_checkpoint, training_state)
@@ -282,6 +282,8 @@ def build_models(args, device, memory_format):
         fused = fuse_group_norm_silu(vae)
         logger.info(f"--fused_group_norm: {fused} GroupNorm -> SiLU pairs fused"
                     + ("" if kernels_run_on(device) else f" (PyTorch's ops on {device.type}: no Triton kernels)"))
+    if args.compile:  # the decoder's upsampling with a windowed-sum backward, not a scatter of atomic adds
+        compile_friendly_upsampling(vae)
     disc = None
     if gan_enabled(args):
         if args.mode == "mel":  # a mel is an image of one channel

@@ -240,3 +240,75 @@ def load_audio_vae(folder, device="cpu"):
     norm = config["mel_normalization"]
     out = AudioVAE(vae, config["mode"], config["mel"], norm["mean"], norm["std"], config)
     return out.to(device).eval()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Nearest-neighbour upsampling whose backward stays a windowed sum under torch.compile (train_audio_vae.py --compile)
+#
+# PyTorch decomposes `F.interpolate(mode="nearest")` into a gather before autograd sees it, so under torch.compile
+# its backward is a scatter-add into zeros: an atomic add per output element in float32, then a cast. In the mel
+# VAE's compiled step the decoder's two upsamplings took 1.25 of 32 ms of kernels that way (H100, README).
+# `nearest_upsample` is an autograd Function over the same ATen operators: in eager it runs the kernels
+# `F.interpolate` runs; compiled, its forward is the same gather and its backward `upsample_nearest2d_backward`,
+# which Inductor lowers to a sum over each input pixel's window, without atomics and the same every run.
+
+
+class _NearestUpsample2d(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, size, scales):
+        ctx.in_size, ctx.size, ctx.scales = tuple(x.shape), size, scales
+        return torch.ops.aten.upsample_nearest2d(x, size, *scales)
+
+    @staticmethod
+    def backward(ctx, grad):
+        dx = torch.ops.aten.upsample_nearest2d_backward(grad, ctx.size, ctx.in_size, *ctx.scales)
+        return dx, None, None
+
+
+def nearest_upsample(x, output_size=None):
+    """`F.interpolate(x, scale_factor=2.0, mode="nearest")`, or with `size=output_size` when given, of a 4D tensor:
+    the same values and gradients, in the same memory format."""
+    if output_size is None:
+        size, scales = [2 * x.shape[2], 2 * x.shape[3]], (2.0, 2.0)
+    else:
+        size, scales = [int(s) for s in output_size], (None, None)
+    return _NearestUpsample2d.apply(x, size, scales)
+
+
+class NearestUpsampleConv(nn.Module):
+    """diffusers' `Upsample2D` with its defaults (nearest interpolation, then its convolution, no norm) over
+    `nearest_upsample`. It holds the same convolution, so parameters and state-dict keys are unchanged."""
+
+    def __init__(self, upsample):
+        super().__init__()
+        self.channels, self.out_channels = upsample.channels, upsample.out_channels
+        self.use_conv, self.use_conv_transpose, self.interpolate = True, False, True
+        self.conv = upsample.conv
+
+    def forward(self, hidden_states, output_size=None, *args, **kwargs):
+        if not torch.compiler.is_compiling():
+            # diffusers' guards for the eager NHWC kernel (fails on large batches or outputs of 2^31 elements);
+            # compiled, the upsampling is a gather and needs neither.
+            scale = 2 if output_size is None else max(f / s for f, s in zip(output_size, hidden_states.shape[-2:]))
+            if hidden_states.shape[0] >= 64 or hidden_states.numel() * scale > 2 ** 31:
+                hidden_states = hidden_states.contiguous()
+        return self.conv(nearest_upsample(hidden_states, output_size))
+
+
+def _replaceable(module):
+    from diffusers.models.upsampling import Upsample2D
+
+    return (type(module) is Upsample2D and module.norm is None and not module.use_conv_transpose
+            and module.interpolate and module.use_conv and module.name == "conv")
+
+
+def compile_friendly_upsampling(model):
+    """Replace every default diffusers `Upsample2D` in `model` by `NearestUpsampleConv`, in place; returns how many.
+    Layers with a norm, a transposed convolution, no convolution or another interpolation are left as they are."""
+    count = 0
+    for parent in list(model.modules()):
+        for name, child in list(parent.named_children()):
+            if _replaceable(child):
+                setattr(parent, name, NearestUpsampleConv(child))
+                count += 1
+    return count
