@@ -281,8 +281,6 @@ class NearestUpsampleConv(nn.Module):
 
     def __init__(self, upsample):
         super().__init__()
-        self.channels, self.out_channels = upsample.channels, upsample.out_channels
-        self.use_conv, self.use_conv_transpose, self.interpolate = True, False, True
         self.conv = upsample.conv
 
     def forward(self, hidden_states, output_size=None, *args, **kwargs):
