@@ -79,13 +79,14 @@ def time_variant(module, x, iters, device):
 
 def sweep(args):
     """GPU time of the fused kernels over all the VAE's norms, NCHW and channels-last, per (tile elements, warps,
-    channels split into tiles of a power of two or not)."""
+    channels split into tiles of a power of two or not, programs in memory order or with the samples fastest)."""
     import common.group_norm as gn
 
     tiles, warps = ([int(v) for v in part.split(",")] for part in args.sweep.split(":"))
-    print(f"{'tile elements':>14s} {'warps':>6s} {'split':>6s} {'NCHW GPU ms':>12s} {'channels-last GPU ms':>21s}")
-    for tile, num_warps, split in itertools.product(tiles, warps, (False, True)):
-        gn.TILE_ELEMENTS, gn.NUM_WARPS, gn.CHANNEL_SPLIT = tile, num_warps, split
+    print(f"{'tile elements':>14s} {'warps':>6s} {'split':>6s} {'order':>6s} {'NCHW GPU ms':>12s} "
+          f"{'channels-last GPU ms':>21s}")
+    for tile, num_warps, split, order in itertools.product(tiles, warps, (False, True), (False, True)):
+        gn.TILE_ELEMENTS, gn.NUM_WARPS, gn.CHANNEL_SPLIT, gn.MEMORY_ORDER = tile, num_warps, split, order
         totals = []
         for channels_last in (False, True):
             total = 0.0
@@ -98,7 +99,8 @@ def sweep(args):
                                                     args.device)
                 total += (kernel_seconds or 0.0) * count
             totals.append(total)
-        print(f"{tile:14d} {num_warps:6d} {int(split):6d} {totals[0] * 1e3:12.2f} {totals[1] * 1e3:21.2f}")
+        print(f"{tile:14d} {num_warps:6d} {int(split):6d} {('memory' if order else 'sample'):>6s} "
+              f"{totals[0] * 1e3:12.2f} {totals[1] * 1e3:21.2f}")
 
 
 def main():

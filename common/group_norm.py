@@ -37,6 +37,10 @@ TILE_ELEMENTS = 4096  # elements a program handles: BLOCK_HW pixels of BLOCK_C c
 NUM_WARPS = 4  # warps of each tile's program
 CHANNEL_SPLIT = True  # tiles of a power-of-two share of the channels (see _blocks)
 MERGE_ROWS = 64  # tiles a merging program reads at a time
+# Programs run in the order of the tensor's memory: in channels-last, the tiles of one pixel range's channels run
+# side by side, so a pixel's channels are read from DRAM once (with the samples outermost, each channel tile would
+# fetch the whole of each pixel's cache lines again, long after the others evicted them).
+MEMORY_ORDER = True
 
 
 def kernels_run_on(device):
@@ -63,6 +67,20 @@ if triton is not None:
         return n * s_n + hw[:, None] * s_hw + c[None, :] * s_c, mask, c
 
     @triton.jit
+    def _program(N, NBLK, NC, ORDER: tl.constexpr):
+        """(sample, pixel tile, channel tile) of this program of the flat grid. ORDER 1: channel tiles fastest, then
+        pixel tiles (channels-last memory order); 2: pixel tiles fastest, then channel tiles (NCHW order); 0: samples
+        fastest (the order that MEMORY_ORDER = False keeps)."""
+        pid = tl.program_id(0)
+        if ORDER == 1:
+            cb, blk, n = pid % NC, (pid // NC) % NBLK, pid // (NC * NBLK)
+        elif ORDER == 2:
+            blk, cb, n = pid % NBLK, (pid // NBLK) % NC, pid // (NBLK * NC)
+        else:
+            n, blk, cb = pid % N, (pid // N) % NBLK, pid // (N * NBLK)
+        return n, blk, cb
+
+    @triton.jit
     def _normalise(x, mean_ptr, rstd_ptr, w_ptr, b_ptr, n, c, C, CG, G):
         """x -> (xhat, z = xhat * weight + bias) for one tile, with each channel's group statistics."""
         cmask = c < C
@@ -75,16 +93,17 @@ if triton is not None:
         return xhat, xhat * w[None, :] + b[None, :], w, rstd
 
     @triton.jit
-    def _stats_kernel(x_ptr, mean_ptr, m2_ptr, HW, C, s_n, s_c, s_hw,
-                      BLOCK_HW: tl.constexpr, BLOCK_C: tl.constexpr):
+    def _stats_kernel(x_ptr, mean_ptr, m2_ptr, HW, C, s_n, s_c, s_hw, N, NBLK, NC,
+                      BLOCK_HW: tl.constexpr, BLOCK_C: tl.constexpr, ORDER: tl.constexpr):
         """Per tile and channel: the mean and the sum of squared deviations (M2) over the tile's valid pixels."""
-        n, blk, c0 = tl.program_id(0), tl.program_id(1), tl.program_id(2) * BLOCK_C
+        n, blk, cb = _program(N, NBLK, NC, ORDER)
+        c0 = cb * BLOCK_C
         offs, mask, c = _tile(n, blk * BLOCK_HW, c0, HW, C, s_n, s_c, s_hw, BLOCK_HW, BLOCK_C)
         x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
         count = tl.minimum(HW - blk * BLOCK_HW, BLOCK_HW).to(tl.float32)
         mean = tl.sum(x, axis=0) / count
         dev = tl.where(mask, x - mean[None, :], 0.0)
-        out = (n * tl.num_programs(1) + blk) * C + c
+        out = (n * NBLK + blk) * C + c
         tl.store(mean_ptr + out, mean, mask=c < C)
         tl.store(m2_ptr + out, tl.sum(dev * dev, axis=0), mask=c < C)
 
@@ -124,10 +143,11 @@ if triton is not None:
         tl.store(rstd_ptr + pid, tl.math.rsqrt(m2 / total + eps))
 
     @triton.jit
-    def _forward_kernel(x_ptr, y_ptr, mean_ptr, rstd_ptr, w_ptr, b_ptr, HW, C, CG, G, s_n, s_c, s_hw,
-                        BLOCK_HW: tl.constexpr, BLOCK_C: tl.constexpr):
+    def _forward_kernel(x_ptr, y_ptr, mean_ptr, rstd_ptr, w_ptr, b_ptr, HW, C, CG, G, s_n, s_c, s_hw, N, NBLK, NC,
+                        BLOCK_HW: tl.constexpr, BLOCK_C: tl.constexpr, ORDER: tl.constexpr):
         """y = silu(xhat * weight + bias), written with x's strides and in y's dtype."""
-        n, blk, c0 = tl.program_id(0), tl.program_id(1), tl.program_id(2) * BLOCK_C
+        n, blk, cb = _program(N, NBLK, NC, ORDER)
+        c0 = cb * BLOCK_C
         offs, mask, c = _tile(n, blk * BLOCK_HW, c0, HW, C, s_n, s_c, s_hw, BLOCK_HW, BLOCK_C)
         x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
         _, z, _, _ = _normalise(x, mean_ptr, rstd_ptr, w_ptr, b_ptr, n, c, C, CG, G)
@@ -154,14 +174,15 @@ if triton is not None:
 
     @triton.jit
     def _backward_sums_kernel(x_ptr, dy_ptr, mean_ptr, rstd_ptr, w_ptr, b_ptr, a_ptr, bsum_ptr,
-                              HW, C, CG, G, s_n, s_c, s_hw, d_n, d_c, d_hw,
-                              BLOCK_HW: tl.constexpr, BLOCK_C: tl.constexpr):
+                              HW, C, CG, G, s_n, s_c, s_hw, d_n, d_c, d_hw, N, NBLK, NC,
+                              BLOCK_HW: tl.constexpr, BLOCK_C: tl.constexpr, ORDER: tl.constexpr):
         """Per tile and channel: sum(g * xhat) and sum(g), g the gradient at z."""
-        n, blk, c0 = tl.program_id(0), tl.program_id(1), tl.program_id(2) * BLOCK_C
+        n, blk, cb = _program(N, NBLK, NC, ORDER)
+        c0 = cb * BLOCK_C
         c = c0 + tl.arange(0, BLOCK_C)
         x, dy, mask = _load_tile(x_ptr, dy_ptr, n, blk, c0, HW, C, s_n, s_c, s_hw, d_n, d_c, d_hw, BLOCK_HW, BLOCK_C)
         g, xhat, _, _ = _grad_z(x, dy, mask, mean_ptr, rstd_ptr, w_ptr, b_ptr, n, c, C, CG, G)
-        out = (n * tl.num_programs(1) + blk) * C + c
+        out = (n * NBLK + blk) * C + c
         tl.store(a_ptr + out, tl.sum(g * xhat, axis=0), mask=c < C)
         tl.store(bsum_ptr + out, tl.sum(g, axis=0), mask=c < C)
 
@@ -190,10 +211,11 @@ if triton is not None:
 
     @triton.jit
     def _backward_dx_kernel(x_ptr, dy_ptr, dx_ptr, mean_ptr, rstd_ptr, w_ptr, b_ptr, c1_ptr, c2_ptr,
-                            HW, C, CG, G, s_n, s_c, s_hw, d_n, d_c, d_hw,
-                            BLOCK_HW: tl.constexpr, BLOCK_C: tl.constexpr):
+                            HW, C, CG, G, s_n, s_c, s_hw, d_n, d_c, d_hw, N, NBLK, NC,
+                            BLOCK_HW: tl.constexpr, BLOCK_C: tl.constexpr, ORDER: tl.constexpr):
         """dx = rstd * (g * weight - xhat * c1 - c2), c1 and c2 the group means of g * weight * xhat and g * weight."""
-        n, blk, c0 = tl.program_id(0), tl.program_id(1), tl.program_id(2) * BLOCK_C
+        n, blk, cb = _program(N, NBLK, NC, ORDER)
+        c0 = cb * BLOCK_C
         offs, mask, c = _tile(n, blk * BLOCK_HW, c0, HW, C, s_n, s_c, s_hw, BLOCK_HW, BLOCK_C)
         x, dy, _ = _load_tile(x_ptr, dy_ptr, n, blk, c0, HW, C, s_n, s_c, s_hw, d_n, d_c, d_hw, BLOCK_HW, BLOCK_C)
         g, xhat, w, rstd = _grad_z(x, dy, mask, mean_ptr, rstd_ptr, w_ptr, b_ptr, n, c, C, CG, G)
@@ -203,17 +225,21 @@ if triton is not None:
         dx = rstd[None, :] * (g * w[None, :] - xhat * c1[None, :] - c2[None, :])
         tl.store(dx_ptr + offs, dx.to(dx_ptr.dtype.element_ty), mask=mask)
 
-    def _blocks(hw, c, cg):
-        """Tile and grid sizes: a tile is BLOCK_HW pixels of BLOCK_C channels, all of them, or with CHANNEL_SPLIT the
-        largest power of two (16 or more) that divides the channel count, so that no lane is masked off."""
+    def _blocks(x, cg):
+        """Tile and grid sizes of the (dense) tensor x: a tile is BLOCK_HW pixels of BLOCK_C channels, all of them,
+        or with CHANNEL_SPLIT the largest power of two (16 or more) that divides the channel count, so that no lane
+        is masked off. Returns BLOCK_HW, the number of pixel tiles, the flat grid, and the tile kernels' sizes."""
+        n, c, h, w = x.shape
+        hw = h * w
         block_c = triton.next_power_of_2(c)
         if CHANNEL_SPLIT and c & -c >= 16:
             block_c = c & -c
         block_hw = max(1, min(TILE_ELEMENTS // block_c, triton.next_power_of_2(hw)))
-        nblk = triton.cdiv(hw, block_hw)
-        tile = dict(BLOCK_HW=block_hw, BLOCK_C=block_c, num_warps=NUM_WARPS)
+        nblk, nc = triton.cdiv(hw, block_hw), triton.cdiv(c, block_c)
+        order = (1 if x.stride(1) == 1 and c > 1 else 2) if MEMORY_ORDER else 0
+        tile = dict(N=n, NBLK=nblk, NC=nc, BLOCK_HW=block_hw, BLOCK_C=block_c, ORDER=order, num_warps=NUM_WARPS)
         merge = dict(BLOCK_P=min(MERGE_ROWS, triton.next_power_of_2(nblk)), BLOCK_CG=triton.next_power_of_2(cg))
-        return block_hw, nblk, triton.cdiv(c, block_c), tile, merge
+        return block_hw, nblk, (n * nblk * nc,), tile, merge
 
     def _strides(t):
         """(sample, channel, pixel) strides of an NCHW or channels-last tensor."""
@@ -234,17 +260,17 @@ if triton is not None:
         x = _dense(x)
         n, c, h, w = x.shape
         hw, cg = h * w, c // groups
-        block_hw, nblk, nc, tile, merge = _blocks(hw, c, cg)
+        block_hw, nblk, grid, tile, merge = _blocks(x, cg)
         strides = _strides(x)
         tile_mean = torch.empty(n, nblk, c, device=x.device, dtype=torch.float32)
         tile_m2 = torch.empty_like(tile_mean)
-        _stats_kernel[(n, nblk, nc)](x, tile_mean, tile_m2, hw, c, *strides, **tile)
+        _stats_kernel[grid](x, tile_mean, tile_m2, hw, c, *strides, **tile)
         mean = torch.empty(n, groups, device=x.device, dtype=torch.float32)
         rstd = torch.empty_like(mean)
         _merge_stats_kernel[(n * groups,)](tile_mean, tile_m2, mean, rstd, nblk, hw, c, cg, groups, eps,
                                            BLOCK_HW=block_hw, **merge)
         y = torch.empty_like(x)
-        _forward_kernel[(n, nblk, nc)](x, y, mean, rstd, weight, bias, hw, c, cg, groups, *strides, **tile)
+        _forward_kernel[grid](x, y, mean, rstd, weight, bias, hw, c, cg, groups, *strides, **tile)
         return y, mean, rstd
 
     @_forward.register_fake
@@ -258,11 +284,11 @@ if triton is not None:
         x, dy = _dense(x), _dense(dy)
         n, c, h, w = x.shape
         hw, cg = h * w, c // groups
-        block_hw, nblk, nc, tile, merge = _blocks(hw, c, cg)
+        block_hw, nblk, grid, tile, merge = _blocks(x, cg)
         strides, dy_strides = _strides(x), _strides(dy)
         tile_a = torch.empty(n, nblk, c, device=x.device, dtype=torch.float32)
         tile_b = torch.empty_like(tile_a)
-        _backward_sums_kernel[(n, nblk, nc)](x, dy, mean, rstd, weight, bias, tile_a, tile_b, hw, c, cg, groups,
+        _backward_sums_kernel[grid](x, dy, mean, rstd, weight, bias, tile_a, tile_b, hw, c, cg, groups,
                                              *strides, *dy_strides, **tile)
         sum_a = torch.empty(n, c, device=x.device, dtype=torch.float32)
         sum_b = torch.empty_like(sum_a)
@@ -271,7 +297,7 @@ if triton is not None:
         _merge_grads_kernel[(n * groups,)](tile_a, tile_b, weight, sum_a, sum_b, c1, c2, nblk, hw, c, cg, groups,
                                            **merge)
         dx = torch.empty_like(x)
-        _backward_dx_kernel[(n, nblk, nc)](x, dy, dx, mean, rstd, weight, bias, c1, c2, hw, c, cg, groups,
+        _backward_dx_kernel[grid](x, dy, dx, mean, rstd, weight, bias, c1, c2, hw, c, cg, groups,
                                            *strides, *dy_strides, **tile)
         return dx, sum_a.sum(0).to(weight.dtype), sum_b.sum(0).to(bias.dtype)
 

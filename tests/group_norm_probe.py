@@ -54,13 +54,16 @@ def errors(shape, groups, dtype, channels_last, offset=0.0, channel_slice=False)
             "dtype": y.dtype == dtype and x.grad.dtype == dtype}
 
 
-def split_channels(split, *args, **kwargs):
-    """errors() with tiles of a part of the channels (CHANNEL_SPLIT, 16 of 48 here) or of all of them."""
-    before, gn.CHANNEL_SPLIT = gn.CHANNEL_SPLIT, split
+def with_settings(settings, *args, **kwargs):
+    """errors() under other values of common.group_norm's tiling settings, e.g. {"CHANNEL_SPLIT": False}."""
+    before = {k: getattr(gn, k) for k in settings}
+    for k, v in settings.items():
+        setattr(gn, k, v)
     try:
         return errors(*args, **kwargs)
     finally:
-        gn.CHANNEL_SPLIT = before
+        for k, v in before.items():
+            setattr(gn, k, v)
 
 
 def fused_vae():
@@ -112,9 +115,18 @@ if __name__ == "__main__":
         "channels_last_fp32": errors((2, 12, 5, 7), 3, torch.float32, True),
         "offset_mean_fp32": errors((2, 8, 9, 9), 2, torch.float32, False, offset=100.0),  # variance beside mean 100
         "one_row_fp32": errors((1, 6, 1, 50), 6, torch.float32, False),  # a group per channel, H = 1
-        "split_channels_last_fp32": split_channels(True, (2, 48, 3, 5), 16, torch.float32, True),  # 3 x 16 channels
-        "split_nchw_fp32": split_channels(True, (2, 48, 3, 5), 16, torch.float32, False),
-        "unsplit_channels_last_fp32": split_channels(False, (2, 48, 3, 5), 16, torch.float32, True),  # 64, 48 valid
+        # tiles of 16 of the 48 channels (CHANNEL_SPLIT), or of all of them (64 lanes, 48 valid)
+        "split_channels_last_fp32": with_settings({"CHANNEL_SPLIT": True}, (2, 48, 3, 5), 16, torch.float32, True),
+        "split_nchw_fp32": with_settings({"CHANNEL_SPLIT": True}, (2, 48, 3, 5), 16, torch.float32, False),
+        "unsplit_channels_last_fp32": with_settings({"CHANNEL_SPLIT": False}, (2, 48, 3, 5), 16, torch.float32, True),
+        # programs with the samples fastest instead of in memory order (3 channel tiles, 2 pixel tiles, 3 samples)
+        "sample_order_channels_last_fp32": with_settings({"MEMORY_ORDER": False, "TILE_ELEMENTS": 128},
+                                                         (3, 48, 3, 5), 16, torch.float32, True),
+        "sample_order_nchw_fp32": with_settings({"MEMORY_ORDER": False, "TILE_ELEMENTS": 128},
+                                                (3, 48, 3, 5), 16, torch.float32, False),
+        "memory_order_channels_last_fp32": with_settings({"TILE_ELEMENTS": 128}, (3, 48, 3, 5), 16, torch.float32,
+                                                         True),
+        "memory_order_nchw_fp32": with_settings({"TILE_ELEMENTS": 128}, (3, 48, 3, 5), 16, torch.float32, False),
         "channel_slice_fp32": errors((2, 12, 5, 7), 3, torch.float32, False, channel_slice=True),
         "nchw_bf16": errors((2, 12, 5, 7), 4, torch.bfloat16, False),
         "channels_last_bf16": errors((2, 12, 5, 7), 4, torch.bfloat16, True),

@@ -28,6 +28,8 @@ def probe():
 
 @pytest.mark.parametrize("case", ["nchw_fp32", "channels_last_fp32", "offset_mean_fp32", "one_row_fp32",
                                   "split_channels_last_fp32", "split_nchw_fp32", "unsplit_channels_last_fp32",
+                                  "sample_order_channels_last_fp32", "sample_order_nchw_fp32",
+                                  "memory_order_channels_last_fp32", "memory_order_nchw_fp32",
                                   "channel_slice_fp32"])
 def test_interpreted_kernels_match_pytorch_in_float32(probe, case):
     err = probe["cases"][case]
