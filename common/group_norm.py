@@ -289,7 +289,7 @@ if triton is not None:
         tile_a = torch.empty(n, nblk, c, device=x.device, dtype=torch.float32)
         tile_b = torch.empty_like(tile_a)
         _backward_sums_kernel[grid](x, dy, mean, rstd, weight, bias, tile_a, tile_b, hw, c, cg, groups,
-                                             *strides, *dy_strides, **tile)
+                                    *strides, *dy_strides, **tile)
         sum_a = torch.empty(n, c, device=x.device, dtype=torch.float32)
         sum_b = torch.empty_like(sum_a)
         c1 = torch.empty(n, groups, device=x.device, dtype=torch.float32)
@@ -298,7 +298,7 @@ if triton is not None:
                                            **merge)
         dx = torch.empty_like(x)
         _backward_dx_kernel[grid](x, dy, dx, mean, rstd, weight, bias, c1, c2, hw, c, cg, groups,
-                                           *strides, *dy_strides, **tile)
+                                  *strides, *dy_strides, **tile)
         return dx, sum_a.sum(0).to(weight.dtype), sum_b.sum(0).to(bias.dtype)
 
     @_backward.register_fake

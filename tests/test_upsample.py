@@ -1,5 +1,6 @@
-"""common.audio_vae's upsampling for --compile: nearest upsampling with the values and gradients of F.interpolate, a backward that compiles to
-upsample_nearest2d_backward (a windowed sum) instead of a scatter-add, and the in-place swap of diffusers' layers."""
+"""common.audio_vae's upsampling for --compile: nearest upsampling with the values and gradients of F.interpolate, a
+backward that compiles to upsample_nearest2d_backward (a windowed sum) instead of a scatter-add, and the in-place swap
+of diffusers' layers."""
 
 import copy
 
