@@ -79,17 +79,14 @@ def time_variant(module, x, iters, device):
 
 def sweep(args):
     """GPU time of the fused kernels over all the VAE's norms, NCHW and channels-last, per (tile elements, warps,
-    channels split into tiles of a power of two or not, programs in memory order or with the samples fastest, all
-    the samples in one launch or in chunks that fit in half the L2 cache)."""
+    channels split into tiles of a power of two or not, programs in memory order or with the samples fastest)."""
     import common.group_norm as gn
 
     tiles, warps = ([int(v) for v in part.split(",")] for part in args.sweep.split(":"))
-    print(f"{'tile elements':>14s} {'warps':>6s} {'split':>6s} {'order':>6s} {'chunks':>6s} {'NCHW GPU ms':>12s} "
+    print(f"{'tile elements':>14s} {'warps':>6s} {'split':>6s} {'order':>6s} {'NCHW GPU ms':>12s} "
           f"{'channels-last GPU ms':>21s}")
-    for tile, num_warps, split, order, chunks in itertools.product(tiles, warps, (False, True), (False, True),
-                                                                   (False, True)):
+    for tile, num_warps, split, order in itertools.product(tiles, warps, (False, True), (False, True)):
         gn.TILE_ELEMENTS, gn.NUM_WARPS, gn.CHANNEL_SPLIT, gn.MEMORY_ORDER = tile, num_warps, split, order
-        gn.CHUNK_BYTES = None if chunks else 0
         totals = []
         for channels_last in (False, True):
             total = 0.0
@@ -103,7 +100,7 @@ def sweep(args):
                 total += (kernel_seconds or 0.0) * count
             totals.append(total)
         print(f"{tile:14d} {num_warps:6d} {int(split):6d} {('memory' if order else 'sample'):>6s} "
-              f"{('L2' if chunks else 'one'):>6s} {totals[0] * 1e3:12.2f} {totals[1] * 1e3:21.2f}")
+              f"{totals[0] * 1e3:12.2f} {totals[1] * 1e3:21.2f}")
 
 
 def main():

@@ -58,7 +58,7 @@ run audio_vae_mel_channels_last train_audio_vae.py --config configs/audio_vae_me
 run audio_vae_mel_compiled train_audio_vae.py --config configs/audio_vae_mel.yaml "${audio_512[@]}" --compile
 run audio_vae_mel_compiled_nographs train_audio_vae.py --config configs/audio_vae_mel.yaml "${audio_512[@]}" --compile \
   --compile_mode default
-# Inductor's coordinate-descent tuning of its own kernels (GroupNorm's reductions are a quarter of the kernel time)
+# Inductor's coordinate-descent tuning of its own kernels (with --fused_group_norm: no faster, README)
 run audio_vae_mel_compiled_cdt TORCHINDUCTOR_COORDINATE_DESCENT_TUNING=1 train_audio_vae.py \
   --config configs/audio_vae_mel.yaml "${audio_512[@]}" --compile
 # GroupNorm -> SiLU as common/group_norm.py's Triton kernels, eager and compiled

@@ -6,8 +6,7 @@ input for per-channel statistics of each tile, a small kernel merges them into e
 (Chan's parallel formula, so a large mean does not cancel the variance away), and a second pass normalises, applies
 the affine and the SiLU and writes the output in the input's dtype. The backward recomputes the normalised input
 instead of saving it. That is two reads and a write forward and four reads and a write backward, in any layout
-(NCHW or channels-last: the kernels take strides). Both directions launch over chunks of samples small enough that
-the second read of each finds its inputs still in the GPU's L2 cache. Arithmetic is float32 throughout.
+(NCHW or channels-last: the kernels take strides). Arithmetic is float32 throughout.
 
     vae = AutoencoderKL(...)
     fuse_group_norm_silu(vae)   # in place, before the optimizer is built; same parameters, same state dict
@@ -42,10 +41,6 @@ MERGE_ROWS = 64  # tiles a merging program reads at a time
 # side by side, so a pixel's channels are read from DRAM once (with the samples outermost, each channel tile would
 # fetch the whole of each pixel's cache lines again, long after the others evicted them).
 MEMORY_ORDER = True
-# Each direction reads its inputs twice: once for the statistics (forward) or the sums (backward), once to write.
-# Launched over a chunk of samples at a time whose inputs fit in a share of the GPU's L2 cache, the second read
-# comes from the cache instead of DRAM. None: half the L2 of the tensor's GPU; 0: all samples in one launch.
-CHUNK_BYTES = None
 
 
 def kernels_run_on(device):
@@ -249,8 +244,7 @@ if triton is not None:
     def _blocks(x, cg):
         """Tile and grid sizes of the (dense) tensor x: a tile is BLOCK_HW pixels of BLOCK_C channels, all of them,
         or with CHANNEL_SPLIT the largest power of two (16 or more) that divides the channel count, so that no lane
-        is masked off. Returns BLOCK_HW, the number of pixel tiles, and the tile and merge kernels' sizes (a tile
-        kernel's flat grid is samples x pixel tiles x channel tiles)."""
+        is masked off. Returns BLOCK_HW, the number of pixel tiles, the flat grid, and the tile kernels' sizes."""
         n, c, h, w = x.shape
         hw = h * w
         block_c = triton.next_power_of_2(c)
@@ -261,7 +255,7 @@ if triton is not None:
         order = (1 if x.stride(1) == 1 and c > 1 else 2) if MEMORY_ORDER else 0
         tile = dict(N=n, NBLK=nblk, NC=nc, BLOCK_HW=block_hw, BLOCK_C=block_c, ORDER=order, num_warps=NUM_WARPS)
         merge = dict(BLOCK_P=min(MERGE_ROWS, triton.next_power_of_2(nblk)), BLOCK_CG=triton.next_power_of_2(cg))
-        return block_hw, nblk, tile, merge
+        return block_hw, nblk, (n * nblk * nc,), tile, merge
 
     def _strides(t):
         """(sample, channel, pixel) strides of an NCHW or channels-last tensor."""
@@ -274,15 +268,6 @@ if triton is not None:
         dense = t.is_contiguous() or t.is_contiguous(memory_format=torch.channels_last)
         return t if dense else t.contiguous()
 
-    def _chunks(n, sample_bytes, device):
-        """Sample ranges (start, stop) to launch one after another: as many samples as keep `sample_bytes` each
-        inside CHUNK_BYTES (half the GPU's L2 cache when None), and all of them when that is 0 or they fit."""
-        budget = CHUNK_BYTES
-        if budget is None:
-            budget = torch.cuda.get_device_properties(device).L2_cache_size // 2 if device.type == "cuda" else 0
-        step = n if not budget or n * sample_bytes <= budget else max(1, budget // sample_bytes)
-        return [(i, min(n, i + step)) for i in range(0, n, step)]
-
     _TAGS = (torch.Tag.flexible_layout,)
 
     @torch.library.custom_op("common::group_norm_silu_forward", mutates_args=(), tags=_TAGS)
@@ -291,20 +276,17 @@ if triton is not None:
         x = _dense(x)
         n, c, h, w = x.shape
         hw, cg = h * w, c // groups
-        block_hw, nblk, tile, merge = _blocks(x, cg)
+        block_hw, nblk, grid, tile, merge = _blocks(x, cg)
         strides = _strides(x)
         tile_mean = torch.empty(n, nblk, c, device=x.device, dtype=torch.float32)
         tile_m2 = torch.empty_like(tile_mean)
+        _stats_kernel[grid](x, tile_mean, tile_m2, hw, c, *strides, **tile)
         mean = torch.empty(n, groups, device=x.device, dtype=torch.float32)
         rstd = torch.empty_like(mean)
+        _merge_stats_kernel[(n * groups,)](tile_mean, tile_m2, mean, rstd, nblk, hw, c, cg, groups, eps,
+                                           BLOCK_HW=block_hw, **merge)
         y = torch.empty_like(x)
-        for i, j in _chunks(n, x[0].numel() * x.element_size(), x.device):  # slices of dim 0 keep the strides
-            grid, part = ((j - i) * nblk * tile["NC"],), {**tile, "N": j - i}
-            _stats_kernel[grid](x[i:j], tile_mean[i:j], tile_m2[i:j], hw, c, *strides, **part)
-            _merge_stats_kernel[((j - i) * groups,)](tile_mean[i:j], tile_m2[i:j], mean[i:j], rstd[i:j], nblk, hw,
-                                                     c, cg, groups, eps, BLOCK_HW=block_hw, **merge)
-            _forward_kernel[grid](x[i:j], y[i:j], mean[i:j], rstd[i:j], weight, bias, hw, c, cg, groups, *strides,
-                                  **part)
+        _forward_kernel[grid](x, y, mean, rstd, weight, bias, hw, c, cg, groups, *strides, **tile)
         return y, mean, rstd
 
     @_forward.register_fake
@@ -318,24 +300,21 @@ if triton is not None:
         x, dy = _dense(x), _dense(dy)
         n, c, h, w = x.shape
         hw, cg = h * w, c // groups
-        _, nblk, tile, merge = _blocks(x, cg)
+        block_hw, nblk, grid, tile, merge = _blocks(x, cg)
         strides, dy_strides = _strides(x), _strides(dy)
         tile_a = torch.empty(n, nblk, c, device=x.device, dtype=torch.float32)
         tile_b = torch.empty_like(tile_a)
+        _backward_sums_kernel[grid](x, dy, mean, rstd, weight, bias, tile_a, tile_b, hw, c, cg, groups,
+                                    *strides, *dy_strides, **tile)
         sum_a = torch.empty(n, c, device=x.device, dtype=torch.float32)
         sum_b = torch.empty_like(sum_a)
         c1 = torch.empty(n, groups, device=x.device, dtype=torch.float32)
         c2 = torch.empty_like(c1)
+        _merge_grads_kernel[(n * groups,)](tile_a, tile_b, weight, sum_a, sum_b, c1, c2, nblk, hw, c, cg, groups,
+                                           **merge)
         dx = torch.empty_like(x)
-        sample_bytes = x[0].numel() * x.element_size() + dy[0].numel() * dy.element_size()
-        for i, j in _chunks(n, sample_bytes, x.device):
-            grid, part = ((j - i) * nblk * tile["NC"],), {**tile, "N": j - i}
-            _backward_sums_kernel[grid](x[i:j], dy[i:j], mean[i:j], rstd[i:j], weight, bias, tile_a[i:j],
-                                        tile_b[i:j], hw, c, cg, groups, *strides, *dy_strides, **part)
-            _merge_grads_kernel[((j - i) * groups,)](tile_a[i:j], tile_b[i:j], weight, sum_a[i:j], sum_b[i:j],
-                                                     c1[i:j], c2[i:j], nblk, hw, c, cg, groups, **merge)
-            _backward_dx_kernel[grid](x[i:j], dy[i:j], dx[i:j], mean[i:j], rstd[i:j], weight, bias, c1[i:j],
-                                      c2[i:j], hw, c, cg, groups, *strides, *dy_strides, **part)
+        _backward_dx_kernel[grid](x, dy, dx, mean, rstd, weight, bias, c1, c2, hw, c, cg, groups,
+                                  *strides, *dy_strides, **tile)
         dweight, dbias = torch.empty_like(weight), torch.empty_like(bias)
         block_c = min(64, triton.next_power_of_2(c))
         _sum_samples_kernel[(triton.cdiv(c, block_c),)](sum_a, sum_b, dweight, dbias, n, c,

@@ -66,29 +66,6 @@ def with_settings(settings, *args, **kwargs):
             setattr(gn, k, v)
 
 
-def chunked_launches():
-    """Launches over chunks of samples (CHUNK_BYTES of two samples' x: the forward in chunks of 2 and 1 samples, the
-    backward, which reads x and dy, in chunks of 1) against one launch over all three samples: the chunks, and the
-    largest difference of y and the gradients (every sample's arithmetic is the same, so it should be exactly 0)."""
-    g = torch.Generator().manual_seed(3)
-    x = torch.randn(3, 48, 3, 5, generator=g).contiguous(memory_format=torch.channels_last)
-    w, b, dy = torch.randn(48, generator=g), torch.randn(48, generator=g), torch.randn(3, 48, 3, 5, generator=g)
-    sample_bytes = x[0].numel() * x.element_size()
-    runs = {}
-    for budget in (0, 2 * sample_bytes):
-        gn.CHUNK_BYTES, gn.TILE_ELEMENTS = budget, 128
-        try:
-            xs, ws, bs = (t.clone().requires_grad_(True) for t in (x, w, b))
-            y = gn.group_norm_silu(xs, ws, bs, 16, 1e-6)
-            y.backward(dy)
-            runs[budget] = (y.detach(), xs.grad, ws.grad, bs.grad)
-            chunks = (gn._chunks(3, sample_bytes, x.device), gn._chunks(3, 2 * sample_bytes, x.device))
-        finally:
-            gn.CHUNK_BYTES, gn.TILE_ELEMENTS = None, 64
-    return {"forward_chunks": chunks[0], "backward_chunks": chunks[1],
-            "diff": max(float((a - c).abs().max()) for a, c in zip(runs[0], runs[2 * sample_bytes]))}
-
-
 def fused_vae():
     """A tiny AutoencoderKL fused and unfused (same weights): outputs and gradients, the count of fused pairs."""
     from diffusers import AutoencoderKL
@@ -150,13 +127,8 @@ if __name__ == "__main__":
         "memory_order_channels_last_fp32": with_settings({"TILE_ELEMENTS": 128}, (3, 48, 3, 5), 16, torch.float32,
                                                          True),
         "memory_order_nchw_fp32": with_settings({"TILE_ELEMENTS": 128}, (3, 48, 3, 5), 16, torch.float32, False),
-        # launches over chunks of samples (2 + 1 forward, 1 + 1 + 1 backward)
-        "chunked_channels_last_fp32": with_settings({"CHUNK_BYTES": 2 * 48 * 15 * 4, "TILE_ELEMENTS": 128},
-                                                    (3, 48, 3, 5), 16, torch.float32, True),
-        "chunked_nchw_fp32": with_settings({"CHUNK_BYTES": 2 * 48 * 15 * 4}, (3, 48, 3, 5), 16, torch.float32, False),
         "channel_slice_fp32": errors((2, 12, 5, 7), 3, torch.float32, False, channel_slice=True),
         "nchw_bf16": errors((2, 12, 5, 7), 4, torch.bfloat16, False),
         "channels_last_bf16": errors((2, 12, 5, 7), 4, torch.bfloat16, True),
     }
-    print(json.dumps({"cases": cases, "chunked": chunked_launches(), "vae": fused_vae(),
-                      "compiled": compiled_channels_last()}))
+    print(json.dumps({"cases": cases, "vae": fused_vae(), "compiled": compiled_channels_last()}))
