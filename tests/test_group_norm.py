@@ -116,12 +116,12 @@ def audio(tmp_path_factory):
 
 
 def test_fused_group_norm_flag_trains_like_pytorchs_ops(audio, tmp_path):
-    """Six steps of the mel VAE with --fused_group_norm, the kernels run by the interpreter: the losses of a run
+    """Three steps of the mel VAE with --fused_group_norm, the kernels run by the interpreter: the losses of a run
     with PyTorch's ops."""
-    common = [*audio, "--model", "mel-tiny", *AUDIO_VAE_TINY_MEL, "--train_batch_size", "4", "--report_to", "none",
+    common = [*audio, "--model", "mel-tiny", *AUDIO_VAE_TINY_MEL, "--train_batch_size", "2", "--report_to", "none",
               "--dataloader_num_workers", "0", "--num_validation_files", "1", "--logging_steps", "1", "--disc_ndf",
               "8", "--disc_layers", "2", "--latent_stats_num_segments", "4", "--mel_norm_num_segments", "8",
-              "--max_train_steps", "6", "--learning_rate", "3e-3", "--validation_steps", "100", "--checkpointing_steps",
+              "--max_train_steps", "3", "--learning_rate", "3e-3", "--validation_steps", "100", "--checkpointing_steps",
               "100"]
     run("train_audio_vae.py", *common, "--output_dir", tmp_path / "ref")
     proc = run("train_audio_vae.py", *common, "--output_dir", tmp_path / "fused", "--fused_group_norm",
@@ -129,4 +129,4 @@ def test_fused_group_norm_flag_trains_like_pytorchs_ops(audio, tmp_path):
     assert "--fused_group_norm: 28 GroupNorm -> SiLU pairs fused" in proc.stdout + proc.stderr
     ref = [m["loss/rec"] for m in read_metrics(tmp_path / "ref" / "metrics.jsonl") if "loss/rec" in m]
     fused = [m["loss/rec"] for m in read_metrics(tmp_path / "fused" / "metrics.jsonl") if "loss/rec" in m]
-    assert len(ref) == 6 and fused == pytest.approx(ref, rel=1e-4)
+    assert len(ref) == 3 and ref[0] != ref[-1] and fused == pytest.approx(ref, rel=1e-4)
