@@ -27,7 +27,10 @@ def env(**extra):
     # run of train_vocoder.py took 8 s with one thread and 16 s with two; train_image_vae.py 33 s and 78 s.
     e = dict(os.environ)
     e.update({"PYTHONUNBUFFERED": "1", "WANDB_MODE": "offline", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
-              "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)})
+              "OMP_NUM_THREADS": "1",
+              # the repository first, then whatever the caller's environment had there (packages installed with
+              # pip --target, say)
+              "PYTHONPATH": os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p)})
     e.update(extra)
     return e
 
