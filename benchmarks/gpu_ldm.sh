@@ -27,17 +27,21 @@ common=(--train_data_dir "$out/images" --vae "$out/sd_vae" --text_encoder "open_
         --num_holdout 16)
 ( time python3 train_ldm.py "${common[@]}" --cache_dir "$out/cache" --output_dir "$out/cache_build" --dry_run \
     --dry_run_steps 2 ) > "$out/cache.log" 2>&1
-run() {
+run() {  # run NAME [VAR=value ...] ARGS...
   name=$1; shift
   [[ -z "${ONLY:-}" || " $ONLY " == *" $name "* ]] || return 0
-  python3 train_ldm.py "${common[@]}" --output_dir "$out/$name" --dry_run --dry_run_steps "$steps" "$@" \
-    > "$out/$name.log" 2>&1
-  echo "$name exit $? :: $*" >> "$out/commands.txt"
+  vars=(); while [[ $1 =~ ^[A-Z_]+= ]]; do vars+=("$1"); shift; done
+  env "${vars[@]}" python3 train_ldm.py "${common[@]}" --output_dir "$out/$name" --dry_run --dry_run_steps "$steps" \
+    "$@" > "$out/$name.log" 2>&1
+  echo "$name exit $? :: ${vars[*]:+${vars[*]} }$*" >> "$out/commands.txt"
 }
 rm -f "$out/commands.txt"
 run dit45m_cache --cache_dir "$out/cache"
 run dit45m_cache_compiled --cache_dir "$out/cache" --compile                 # CUDA graphs (reduce-overhead)
 run dit45m_cache_compiled_autotune --cache_dir "$out/cache" --compile --compile_mode max-autotune  # + Inductor's GEMM search
+# Inductor's GEMM search alone (Triton templates against cuBLAS, epilogues fused), without max-autotune's
+# coordinate-descent tuning of every other kernel
+run dit45m_cache_compiled_gemm_autotune TORCHINDUCTOR_MAX_AUTOTUNE_GEMM=1 --cache_dir "$out/cache" --compile
 run dit45m_cache_compiled_default --cache_dir "$out/cache" --compile --compile_mode default
 run dit45m_cache_compiled_b128 --cache_dir "$out/cache" --compile --train_batch_size 128
 run unet45m_cache --cache_dir "$out/cache" --model unet-45m
