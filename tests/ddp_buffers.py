@@ -10,6 +10,7 @@ refuses the first pass's statistics as "modified by an inplace operation". CPUs 
 records the setting; tests/test_reliability.py also runs the GAN scripts on two GPUs where there are two.)
 """
 
+import gc
 import json
 import sys
 from argparse import Namespace
@@ -39,4 +40,11 @@ batch_norm = next(m for m in disc.module.modules() if isinstance(m, torch.nn.Bat
     {"backward": backward, "broadcast_buffers": disc.broadcast_buffers,
      "running_mean": batch_norm.running_mean.tolist()}))
 accelerator.wait_for_everyone()
-accelerator.end_training()  # the process group goes before the interpreter: its teardown at exit could abort
+# The DDP wrapper and the accelerator's reference to it go first, while the interpreter is whole, then the process
+# group. A module-level DDP object would otherwise outlive the group into the interpreter's teardown, where Gloo's
+# worker threads can release the last tensors they hold and abort the process (pytorch/pytorch#179291): one run on
+# 2 busy cores ended "terminate called without an active exception".
+accelerator.free_memory()
+del disc, batch_norm
+gc.collect()
+accelerator.end_training()
